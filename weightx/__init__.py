@@ -1,0 +1,31 @@
+"""weightx: edit LLM weights through their deltas (ExPO, DARE, TIES, BitDelta, ternary...).
+
+    import weightx
+    result = weightx.apply("recipes/quickstart.yaml")
+
+Heavy modules (torch, transformers, lm-eval, huggingface_hub) load only when used, so the CLI
+starts fast.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from weightx.api import ApplyResult, apply, plan
+    from weightx.recipe import Recipe
+
+_LAZY = {"apply": "weightx.api", "plan": "weightx.api", "ApplyResult": "weightx.api", "Recipe": "weightx.recipe"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'weightx' has no attribute {name!r}")
+
+
+__all__ = ["Recipe", "apply", "plan", "ApplyResult", "__version__"]

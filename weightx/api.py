@@ -1,0 +1,129 @@
+"""The Python API: `weightx.apply(recipe)` and its result."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from weightx import __version__
+from weightx.card import render_card
+from weightx.engine import TensorStats, pick_device, write_shards
+from weightx.output import copy_config, discard, finalize, make_temp, write_json
+from weightx.plan import Plan, build_plan
+from weightx.provenance import Hasher
+from weightx.recipe import Recipe, load_recipe
+from weightx.safetensors_io import DTYPES
+
+
+@dataclass
+class ApplyResult:
+    path: Path
+    total_size: int
+    shards: list[str]
+    tensors: dict[str, dict] = field(default_factory=dict)  # per-tensor stats
+    seconds: float = 0.0
+    plan: Plan | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _dtype_name(code: str) -> str:
+    return str(DTYPES[code]).removeprefix("torch.")
+
+
+def _inputs_record(plan: Plan, hashes: dict[str, str]) -> dict:
+    record = {}
+    for alias, src in plan.sources.items():
+        files = {}
+        for shard, header in src.headers.items():
+            files[shard] = {"size": header.path.stat().st_size, "sha256": src.sha256.get(shard) or hashes.get(str(header.path))}
+        record[alias] = {"source": src.spec, "kind": src.kind, "repo_id": src.repo_id, "revision": src.revision, "files": files}
+    return record
+
+
+def _progress_bar(total: int, enabled: bool | None) -> tuple[Callable[[int], None], Callable[[], None]]:
+    from tqdm import tqdm
+
+    # enabled=None: show the bar only on a terminal.
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="weightx",
+               disable=None if enabled is None else not enabled, leave=False)
+    return bar.update, bar.close
+
+
+def execute(plan: Plan, *, device: str = "auto", overwrite: bool = False, progress: bool | None = None) -> ApplyResult:
+    """Run a plan to a finished output folder."""
+    t0 = time.perf_counter()
+    dev = pick_device(device)
+    local = sorted({h.path for s in plan.sources.values() if s.kind != "hub" for h in s.headers.values()})
+    hasher = Hasher(local)
+    tmp = make_temp(plan.out_path, overwrite)
+    update, close_bar = _progress_bar(plan.total_size, progress)
+    try:
+        stats = write_shards(plan, tmp, dev, update)
+        close_bar()
+        r = plan.recipe
+        out_dtypes = {t.out_dtype for t in plan.tensors if t.edit}
+        cfg_dtype = _dtype_name(next(iter(out_dtypes))) if len(out_dtypes) == 1 else None
+        if plan.config_source.has_config:
+            copy_config(plan.config_source.root, tmp, cfg_dtype)
+        weight_map = {t.name: s.filename for s in plan.shards for t in s.tensors}
+        write_json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": plan.total_size}, "weight_map": dict(sorted(weight_map.items()))})
+        (tmp / "README.md").write_text(render_card(plan), encoding="utf-8")
+        recipe_form = r.recipe_form()
+        recipe_form.setdefault("output", {})["path"] = str(plan.out_path)
+        doc = {
+            "weightx_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "status": "complete",
+            "recipe": recipe_form,
+            "inputs": _inputs_record(plan, hasher.result()),
+            "output": {
+                "format": r.output.format,
+                "dtype": cfg_dtype or sorted(_dtype_name(c) for c in out_dtypes),
+                "total_size": plan.total_size,
+                "shards": [{"file": s.filename, "size": (tmp / s.filename).stat().st_size, "tensors": len(s.tensors)} for s in plan.shards],
+                "tensor_count": len(plan.tensors),
+                "parameter_count": plan.parameter_count,
+            },
+            "device": str(dev),
+            "seconds": round(time.perf_counter() - t0, 3),
+            "tensors": {k: v.as_dict() for k, v in stats.items()},
+        }
+        write_json(tmp / "weightx.json", doc)  # last: its presence marks the folder complete
+        finalize(tmp, plan.out_path)
+    except BaseException:
+        close_bar()
+        discard(tmp)
+        raise
+    return ApplyResult(plan.out_path, plan.total_size, [s.filename for s in plan.shards], doc["tensors"], doc["seconds"], plan)
+
+
+def apply(
+    recipe: Recipe | str | Path | dict,
+    *,
+    output: str | Path | None = None,
+    device: str = "auto",
+    overrides: list[str] | tuple[str, ...] = (),
+    overwrite: bool = False,
+    progress: bool | None = False,
+) -> ApplyResult:
+    """Run a recipe (object, YAML path or dict) and return where the output went and its stats."""
+    recipe_dir = Path(recipe).parent if isinstance(recipe, (str, Path)) else None
+    r = load_recipe(recipe, overrides)
+    plan = build_plan(r, output, recipe_dir)
+    return execute(plan, device=device, overwrite=overwrite, progress=progress)
+
+
+def plan(recipe: Recipe | str | Path | dict, *, output: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Plan:
+    recipe_dir = Path(recipe).parent if isinstance(recipe, (str, Path)) else None
+    return build_plan(load_recipe(recipe, overrides), output, recipe_dir)
+
+
+def read_weightx_json(path: Path) -> dict | None:
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads((path / "weightx.json").read_text(encoding="utf-8"))
+    return None

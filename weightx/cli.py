@@ -1,0 +1,87 @@
+"""The `weightx` command. Imports stay inside commands so `weightx --help` answers instantly."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+
+class _Group(click.Group):
+    """Turns user errors into one line and an exit status; anything else is a bug and keeps its traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from weightx.errors import WeightxError
+
+        try:
+            return super().invoke(ctx)
+        except WeightxError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted; nothing was written to the output path", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="weightx", prog_name="weightx", message="%(prog)s %(version)s")
+def main() -> None:
+    """Edit LLM weights through their deltas: ExPO, DARE, TIES, BitDelta, ternary."""
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--output", "-o", type=click.Path(file_okay=False), help="Output folder (overrides output.path).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a recipe value; repeatable.")
+@click.option("--dry-run", is_flag=True, help="Resolve inputs and print the plan; compute nothing.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output (the old one stays until the new one is complete).")
+@click.option("--no-validate", is_flag=True, help="Skip the recipe's validate block.")
+@click.option("--no-push", is_flag=True, help="Skip the recipe's push block.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
+def apply(recipe: str, output: str | None, device: str, overrides: tuple[str, ...], dry_run: bool,
+          overwrite: bool, no_validate: bool, no_push: bool, progress: bool | None) -> None:
+    """Run RECIPE and write its output."""
+    from pathlib import Path
+
+    from weightx.api import execute
+    from weightx.plan import build_plan, human_bytes, render_plan
+    from weightx.recipe import load_recipe
+
+    r = load_recipe(recipe, overrides)
+    plan = build_plan(r, output, Path(recipe).parent)
+    if dry_run:
+        click.echo(render_plan(plan))
+        return
+    result = execute(plan, device=device, overwrite=overwrite, progress=progress)
+    click.echo(f"wrote {result.path} ({human_bytes(result.total_size)} in {len(result.shards)} shard(s), {result.seconds:.1f} s)")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--output", "-o", type=click.Path(file_okay=False), help="Output folder (overrides output.path).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a recipe value; repeatable.")
+def plan(recipe: str, output: str | None, overrides: tuple[str, ...]) -> None:
+    """Resolve inputs, check names/shapes/dtypes and print the plan; no compute."""
+    from pathlib import Path
+
+    from weightx.plan import build_plan, render_plan
+    from weightx.recipe import load_recipe
+
+    click.echo(render_plan(build_plan(load_recipe(recipe, overrides), output, Path(recipe).parent)))
+
+
+@main.command()
+@click.argument("path")
+@click.option("--tensors", "show_tensors", is_flag=True, help="List every tensor.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def inspect(path: str, show_tensors: bool, as_json: bool) -> None:
+    """Summarise a checkpoint, a weightx output or a delta artifact."""
+    from weightx.inspect import inspect_source
+
+    click.echo(inspect_source(path, show_tensors=show_tensors, as_json=as_json))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""What every combine is: a typed config reducing several edited deltas to one."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from weightx.edits.base import TensorContext
+
+
+class CombineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    op: str  # a Literal["name"] in each subclass
+    elementwise: ClassVar[bool] = True
+
+    def combine(self, deltas: list[torch.Tensor], weights: list[float], ctx: TensorContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        params = self.model_dump(exclude={"op"}, exclude_none=True)
+        return f"{self.op}({', '.join(f'{k}={v}' for k, v in params.items())})" if params else self.op
+
+    def recipe_form(self) -> str | dict:
+        params = self.model_dump(exclude={"op"}, exclude_none=True)
+        return {self.op: params} if params else self.op

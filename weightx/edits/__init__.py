@@ -1,0 +1,11 @@
+"""Edit registry: YAML key = registry key = module name."""
+
+from __future__ import annotations
+
+from weightx.edits.base import EditConfig, TensorContext
+from weightx.edits.expo import Expo
+from weightx.edits.scale import Scale
+
+EDITS: dict[str, type[EditConfig]] = {cls.model_fields["op"].default: cls for cls in (Expo, Scale)}
+
+__all__ = ["EDITS", "EditConfig", "TensorContext", "Expo", "Scale"]

@@ -1,0 +1,210 @@
+"""The streaming engine: θ_out = base + combine_i(w_i · edits_i(θ_i − base)), tensor by tensor.
+
+Inputs are mmap'd views; each output tensor is computed in float32 (in blocks when every step is
+elementwise), rounded once to the output dtype, and handed to a writer thread that streams it into
+a shard whose header was laid out from the plan. Memory is a few blocks plus, for whole-tensor
+edits, a few copies of the largest tensor, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from weightx.edits.base import TensorContext
+from weightx.plan import Plan, TensorPlan
+from weightx.safetensors_io import DTYPES, MappedFile, ShardWriter
+from weightx.sources import Source
+
+BLOCK_ELEMENTS = 1 << 20
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        from weightx.errors import UsageError
+
+        raise UsageError(f"--device {device}: CUDA is not available here; use --device cpu or auto")
+    return dev
+
+
+@dataclass
+class TensorStats:
+    delta_norm: dict[str, float] = field(default_factory=dict)  # ‖θ_i − base‖ per input alias
+    edited_norm: dict[str, float] = field(default_factory=dict)  # after that delta's edits (and before weight)
+    combined_norm: float = 0.0  # ‖θ_out − base‖ before rounding
+
+    def as_dict(self) -> dict:
+        return {"delta_norm": self.delta_norm, "edited_norm": self.edited_norm, "combined_norm": self.combined_norm}
+
+
+class Inputs:
+    """Open mappings of every input shard, created on first use."""
+
+    def __init__(self) -> None:
+        self._maps: dict[Path, MappedFile] = {}
+
+    def get(self, src: Source, name: str) -> tuple[MappedFile, object]:
+        shard = src.weight_map[name]
+        header = src.headers[shard]
+        mf = self._maps.get(header.path)
+        if mf is None:
+            mf = self._maps[header.path] = MappedFile(header)
+        return mf, header.tensors[name]
+
+    def close(self) -> None:
+        for mf in self._maps.values():
+            mf.close()
+        self._maps.clear()
+
+
+def _sq(x: torch.Tensor) -> float:
+    flat = x.reshape(-1)
+    return float(torch.dot(flat, flat)) if flat.numel() else 0.0
+
+
+class TensorComputer:
+    """Computes one planned tensor as a sequence of output blocks (flat, in the output dtype)."""
+
+    def __init__(self, plan: Plan, inputs: Inputs, device: torch.device, block: int = BLOCK_ELEMENTS):
+        self.plan = plan
+        self.inputs = inputs
+        self.device = device
+        self.block = block
+        self.aliases = [d.model for d in plan.recipe.deltas]
+        self.weights = [d.weight for d in plan.recipe.deltas]
+
+    def _load(self, src: Source, t: TensorPlan, start: int, count: int) -> torch.Tensor:
+        mf, info = self.inputs.get(src, t.name)
+        x = mf.view(info, start, count)
+        if self.device.type != "cpu":
+            x = x.to(self.device, non_blocking=False)
+        # copy=True: a float32 input must never be modified in place through its mapping.
+        return x.to(torch.float32, copy=True)
+
+    def prefetch(self, t: TensorPlan) -> None:
+        srcs = [self.plan.config_source] if not t.edit else [self.plan.base] + [s for _, s in self.plan.deltas]
+        for src in srcs:
+            mf, info = self.inputs.get(src, t.name)
+            mf.prefetch(info, 0, info.numel)
+
+    def blocks(self, t: TensorPlan, stats: TensorStats | None = None) -> Iterator[torch.Tensor]:
+        n = t.numel
+        if not t.edit:
+            mf, info = self.inputs.get(self.plan.config_source, t.name)
+            for start in range(0, n, self.block):
+                yield mf.view(info, start, min(self.block, n - start))
+            return
+        out_dtype = DTYPES[t.out_dtype]
+        step = self.block if t.elementwise else max(n, 1)
+        sq_before = [0.0] * len(self.aliases)
+        sq_after = [0.0] * len(self.aliases)
+        sq_comb = 0.0
+        for start in range(0, max(n, 1), step):
+            count = min(step, n - start)
+            ctx = TensorContext(t.name, t.shape, start)
+            base = self._load(self.plan.base, t, start, count)
+            deltas = []
+            for i, (_, src) in enumerate(self.plan.deltas):
+                d = self._load(src, t, start, count).sub_(base)
+                if not t.elementwise:
+                    d = d.view(t.shape)
+                if stats is not None:
+                    sq_before[i] += _sq(d)
+                for edit in t.edits[i]:
+                    d = edit.apply(d, ctx)
+                if stats is not None:
+                    sq_after[i] += _sq(d)
+                deltas.append(d)
+            combined = self.plan.recipe.combine.combine(deltas, list(self.weights), ctx).reshape(-1)
+            if stats is not None:
+                sq_comb += _sq(combined)
+            out = base.add_(combined).to(out_dtype)
+            yield out if out.device.type == "cpu" else out.cpu()
+        if stats is not None:
+            stats.delta_norm = {a: sq_before[i] ** 0.5 for i, a in enumerate(self.aliases)}
+            stats.edited_norm = {a: sq_after[i] ** 0.5 for i, a in enumerate(self.aliases)}
+            stats.combined_norm = sq_comb ** 0.5
+
+
+class _Writer(threading.Thread):
+    """Drains (writer, tensor) items so disk writes overlap the next block's compute."""
+
+    def __init__(self, on_bytes: Callable[[int], None]):
+        super().__init__(name="weightx-writer", daemon=True)
+        self.q: queue.Queue = queue.Queue(maxsize=8)
+        self.error: BaseException | None = None
+        self.on_bytes = on_bytes
+
+    def run(self) -> None:
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue  # keep draining so the producer never blocks forever
+            writer, data = item
+            try:
+                if data is None:
+                    writer.close()
+                else:
+                    self.on_bytes(writer.write(data))
+            except BaseException as e:
+                self.error = e
+
+    def put(self, writer: ShardWriter, data: torch.Tensor | None) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put((writer, data))
+
+
+def write_shards(
+    plan: Plan,
+    folder: Path,
+    device: torch.device,
+    progress: Callable[[int], None] = lambda n: None,
+    block: int = BLOCK_ELEMENTS,
+) -> dict[str, TensorStats]:
+    """Compute every planned tensor and stream it into `folder`; return per-tensor stats."""
+    inputs = Inputs()
+    computer = TensorComputer(plan, inputs, device, block)
+    writer = _Writer(progress)
+    writer.start()
+    stats: dict[str, TensorStats] = {}
+    open_writers: list[ShardWriter] = []
+    order = [t for s in plan.shards for t in s.tensors]
+    nxt = 1
+    try:
+        for shard in plan.shards:
+            sw = ShardWriter(folder / shard.filename, [t.out for t in shard.tensors])
+            open_writers.append(sw)
+            for t in shard.tensors:
+                if nxt < len(order):
+                    computer.prefetch(order[nxt])
+                nxt += 1
+                st = stats[t.name] = TensorStats() if t.edit else None
+                for out in computer.blocks(t, st):
+                    writer.put(sw, out)
+            writer.put(sw, None)
+        writer.q.put(None)
+        writer.join()
+        if writer.error is not None:
+            raise writer.error
+    except BaseException:
+        if writer.is_alive():
+            writer.error = writer.error or RuntimeError("aborted")
+            writer.q.put(None)
+            writer.join()
+        for sw in open_writers:
+            sw.abort()
+        raise
+    finally:
+        inputs.close()
+    return {k: v for k, v in stats.items() if v is not None}

@@ -1,0 +1,326 @@
+"""The recipe: DESIGN.md's YAML, as typed pydantic models that are also the Python API.
+
+`load_recipe` reads YAML safely, applies `--set` overrides, and validates everything in one pass,
+reporting every problem (with its location) in a single `RecipeError`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from weightx.combine import COMBINES, CombineConfig
+from weightx.edits import EDITS, EditConfig
+from weightx.errors import RecipeError, UsageError
+
+MAX_YAML_ALIASES = 100
+MAX_YAML_BYTES = 1 << 20
+
+
+def _op_of(value: Any) -> str | None:
+    if isinstance(value, (EditConfig, CombineConfig)):
+        return value.op
+    if isinstance(value, dict):
+        return value.get("op")
+    return None
+
+
+def _tagged_union(registry: dict[str, type[BaseModel]], what: str, example: str) -> Any:
+    members = tuple(Annotated[cls, Tag(name)] for name, cls in sorted(registry.items()))
+    return Annotated[
+        Union[members],  # type: ignore[valid-type]
+        Discriminator(
+            _op_of,
+            custom_error_type=f"{what}_form",
+            custom_error_message=f"write each {what} as a one-key mapping, e.g. `{example}`",
+        ),
+    ]
+
+
+def _unwrap_op(value: Any) -> Any:
+    """`{expo: {alpha: 0.3}}` → `{op: expo, alpha: 0.3}`; `sum` → `{op: sum}`."""
+    if isinstance(value, str):
+        return {"op": value}
+    if isinstance(value, dict) and len(value) == 1 and "op" not in value:
+        (op, params), = value.items()
+        if params is None:
+            params = {}
+        if isinstance(params, dict):
+            return {"op": op, **params}
+    return value
+
+
+Edit = _tagged_union(EDITS, "edit", "- expo: {alpha: 0.3}")
+Combine = _tagged_union(COMBINES, "combine", "combine: {ties: {density: 0.2}}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DeltaSpec(_Strict):
+    model: str
+    weight: float = 1.0
+    edits: list[Edit] = Field(default_factory=list)  # type: ignore[valid-type]
+
+    @field_validator("edits", mode="before")
+    @classmethod
+    def _unwrap(cls, v: Any) -> Any:
+        return [_unwrap_op(e) for e in v] if isinstance(v, list) else v
+
+
+SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(value: int | str) -> int:
+    """'5GB' → 5·10⁹ (decimal like huggingface_hub), '5GiB' → 5·2³⁰, ints are bytes."""
+    if isinstance(value, int):
+        return value
+    m = SIZE_RE.match(value)
+    if not m:
+        raise ValueError(f"not a size: {value!r} (use e.g. 5GB, 500MB or a byte count)")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
+
+
+class OutputSpec(_Strict):
+    path: str | None = None
+    format: Literal["dense", "delta"] = "dense"
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    shard_size: int | str = "5GB"
+    config_from: str | None = None
+
+    @field_validator("shard_size")
+    @classmethod
+    def _size(cls, v: int | str) -> int | str:
+        if parse_size(v) <= 0:
+            raise ValueError("shard_size must be positive")
+        return v
+
+    @property
+    def shard_bytes(self) -> int:
+        return parse_size(self.shard_size)
+
+
+class ValidateSpec(_Strict):
+    tasks: list[str]
+    limit: int | float | None = None
+    compare: list[str] = Field(default_factory=list)
+    require: dict[str, str] = Field(default_factory=dict)
+    batch_size: int | str = 1
+    num_fewshot: int | None = None
+    device: str | None = None
+    select: str | None = None
+
+
+class PushSpec(_Strict):
+    repo: str
+    private: bool = False
+    revision: str | None = None
+    commit_message: str | None = None
+
+
+class Recipe(_Strict):
+    """A weightx recipe. `Recipe.load(path)` reads YAML; `weightx.apply(recipe)` runs it."""
+
+    name: str | None = None
+    models: dict[str, str] = Field(min_length=1)
+    base: str
+    deltas: list[DeltaSpec] = Field(min_length=1)
+    combine: Combine = Field(default_factory=lambda: COMBINES["sum"]())  # type: ignore[valid-type]
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    validate_: ValidateSpec | None = Field(default=None, alias="validate")
+    push: PushSpec | None = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @field_validator("combine", mode="before")
+    @classmethod
+    def _unwrap(cls, v: Any) -> Any:
+        return _unwrap_op(v)
+
+    @model_validator(mode="after")
+    def _references(self) -> "Recipe":
+        problems = reference_problems(self.model_dump(by_alias=True))
+        if problems:
+            raise ValueError("\n".join(f"{loc}: {msg}" for loc, msg in problems))
+        return self
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> "Recipe":
+        return load_recipe(path, overrides)
+
+    @property
+    def config_from(self) -> str:
+        return self.output.config_from or self.deltas[-1].model
+
+    def recipe_form(self) -> dict:
+        """The recipe as YAML-ready data, defaults filled in (what `weightx.json` records)."""
+        data = self.model_dump(by_alias=True, exclude_none=True, exclude={"deltas", "combine"})
+        data["deltas"] = [
+            {"model": d.model, "weight": d.weight, "edits": [e.recipe_form() for e in d.edits]}
+            for d in self.deltas
+        ]
+        data["combine"] = self.combine.recipe_form()
+        return data
+
+
+def reference_problems(data: Any) -> list[tuple[str, str]]:
+    """Alias checks that need the whole recipe; works on raw (possibly invalid) data."""
+    if not isinstance(data, dict):
+        return []
+    models = data.get("models")
+    aliases = set(models) if isinstance(models, dict) else set()
+    known = ", ".join(sorted(aliases)) or "none"
+    problems: list[tuple[str, str]] = []
+
+    def check(loc: str, alias: Any) -> None:
+        if isinstance(alias, str) and aliases and alias not in aliases:
+            problems.append((loc, f"'{alias}' is not defined under models (defined: {known})"))
+
+    check("base", data.get("base"))
+    deltas = data.get("deltas")
+    for i, d in enumerate(deltas if isinstance(deltas, list) else []):
+        if isinstance(d, dict):
+            check(f"deltas.{i}.model", d.get("model"))
+            if d.get("model") is not None and d.get("model") == data.get("base"):
+                problems.append((f"deltas.{i}.model", f"'{d['model']}' is the base: its delta is zero"))
+    output = data.get("output")
+    if isinstance(output, dict):
+        check("output.config_from", output.get("config_from"))
+    validate = data.get("validate")
+    if isinstance(validate, dict) and isinstance(validate.get("compare"), list):
+        for i, a in enumerate(validate["compare"]):
+            check(f"validate.compare.{i}", a)
+    return problems
+
+
+def _loc(parts: tuple[Any, ...]) -> str:
+    out: list[str] = []
+    for p in parts:
+        p = str(p)
+        if p.startswith("function-") or (out and out[-1] == p):
+            continue  # pydantic's validator frames, and tag + field of the same name
+        out.append("validate" if p == "validate_" else p)
+    return ".".join(out)
+
+
+def _messages(err: ValidationError) -> list[tuple[str, str]]:
+    problems = []
+    for e in err.errors():
+        loc = _loc(e["loc"])
+        if e["type"] in ("edit_form", "combine_form") and _op_of(e["input"]) is not None:
+            kind = e["type"].removesuffix("_form")
+            known = ", ".join(sorted(COMBINES if kind == "combine" else EDITS))
+            problems.append((loc, f"unknown {kind} '{_op_of(e['input'])}' (known: {known})"))
+        elif e["type"] == "extra_forbidden":
+            parent, _, key = loc.rpartition(".")
+            problems.append((parent, f"unknown key '{key}'"))
+        elif e["type"] == "value_error" and not loc:
+            for line in str(e["ctx"]["error"]).splitlines():
+                where, _, msg = line.partition(": ")
+                problems.append((where, msg))
+        else:
+            problems.append((loc, e["msg"]))
+    return problems
+
+
+def validate_recipe(data: Any, source: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(source, [("", "a recipe is a YAML mapping with models, base, deltas and output")])
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        problems = _messages(err)
+        # Field errors stop pydantic before the cross-reference check; run it anyway so the user
+        # sees every problem in one go.
+        seen = set(problems)
+        problems += [p for p in reference_problems(data) if p not in seen]
+        raise RecipeError(source, problems) from None
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that refuses documents with many aliases ("billion laughs")."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
+        if self.check_event(yaml.AliasEvent):
+            self._aliases = getattr(self, "_aliases", 0) + 1
+            if self._aliases > MAX_YAML_ALIASES:
+                raise yaml.YAMLError(f"more than {MAX_YAML_ALIASES} YAML aliases; refusing to expand")
+        return super().compose_node(parent, index)
+
+
+def read_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_YAML_BYTES:
+            raise UsageError(f"{path}: recipe is larger than 1 MB; is this the right file?")
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"recipe not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read recipe {path}: {e}") from None
+    try:
+        return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise UsageError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from None
+
+
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Apply `key.path=value` overrides; values are parsed as YAML scalars/flow collections."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--set {item!r}: expected key.path=value, e.g. deltas.0.weight=1.5")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        node: Any = data
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise UsageError(f"--set {key}: '{part}' is not an index of a {len(node)}-item list")
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
+            else:
+                raise UsageError(f"--set {key}: '{'.'.join(parts[:i])}' is not a mapping or list")
+    return data
+
+
+def load_recipe(
+    source: str | Path | dict | Recipe, overrides: list[str] | tuple[str, ...] = ()
+) -> Recipe:
+    if isinstance(source, Recipe):
+        if not overrides:
+            return source
+        return validate_recipe(apply_overrides(source.recipe_form(), overrides), "recipe")
+    if isinstance(source, dict):
+        return validate_recipe(apply_overrides(dict(source), overrides), "recipe")
+    data = read_yaml(source)
+    if isinstance(data, dict):
+        data = apply_overrides(data, overrides)
+    return validate_recipe(data, str(source))

@@ -1,0 +1,230 @@
+"""Safetensors files without the safetensors library: validated headers, mmap'd tensors, and a
+streaming writer that lays out a shard's header before any tensor is computed.
+
+Headers from strangers are checked before anything is trusted: length bounds, JSON shape, known
+dtypes, offsets inside the file, and no overlaps. A tensor is a zero-copy view of a private
+(copy-on-write) mapping, so reading costs page cache, not private memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from weightx.errors import InputError
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool, "U16": torch.uint16, "U32": torch.uint32,
+    "U64": torch.uint64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def itemsize(code: str) -> int:
+    return torch.empty((), dtype=DTYPES[code]).element_size()
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors code, e.g. "BF16"
+    shape: tuple[int, ...]
+    begin: int  # byte offsets relative to the start of the data section
+    end: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOAT_CODES
+
+
+@dataclass(frozen=True)
+class Header:
+    path: Path
+    data_start: int  # 8 + header length
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+
+
+def read_header(path: str | Path) -> Header:
+    """Parse and validate a .safetensors header; raise InputError naming the file and the problem."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            if len(head) < 8:
+                raise InputError(f"{path}: not a safetensors file (only {size} bytes); re-download it")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES or n > size - 8:
+                raise InputError(
+                    f"{path}: corrupt safetensors header (declares {n} header bytes in a {size}-byte file);"
+                    " the file is truncated or not safetensors, re-download it"
+                )
+            raw = f.read(n)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: corrupt safetensors header (invalid JSON: {e}); re-download it") from None
+    if not isinstance(doc, dict):
+        raise InputError(f"{path}: corrupt safetensors header (not a JSON object); re-download it")
+    data_size = size - 8 - n
+    metadata = doc.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise InputError(f"{path}: corrupt safetensors header (__metadata__ is not an object)")
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in doc.items():
+        tensors[name] = _tensor_info(path, name, entry, data_size)
+    spans = sorted((t.begin, t.end, t.name) for t in tensors.values() if t.end > t.begin)
+    for (b0, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise InputError(f"{path}: corrupt safetensors header (tensors {n0!r} and {n1!r} overlap)")
+    return Header(path, 8 + n, tensors, {str(k): str(v) for k, v in metadata.items()})
+
+
+def _tensor_info(path: Path, name: str, entry: object, data_size: int) -> TensorInfo:
+    def bad(why: str) -> InputError:
+        return InputError(f"{path}: corrupt safetensors header for tensor {name!r} ({why})")
+
+    if not isinstance(entry, dict):
+        raise bad("entry is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPES:
+        raise InputError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+        raise bad(f"bad shape {shape!r}")
+    if (
+        not isinstance(offsets, list) or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+    ):
+        raise bad(f"bad data_offsets {offsets!r}")
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_size:
+        raise bad(f"data_offsets {offsets} fall outside the {data_size}-byte data section; the file is truncated")
+    if end - begin != math.prod(shape) * itemsize(dtype):
+        raise bad(f"{end - begin} bytes for shape {shape} of {dtype}")
+    return TensorInfo(name, dtype, tuple(shape), begin, end)
+
+
+class MappedFile:
+    """A private read-only-in-practice mapping of one safetensors file."""
+
+    def __init__(self, header: Header):
+        self.header = header
+        with open(header.path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            # ACCESS_COPY gives a writable buffer (so torch.frombuffer doesn't warn) whose pages
+            # stay shared with the page cache as long as nobody writes to them; we never do.
+            self._mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) if size else None
+
+    def tensor(self, name: str) -> torch.Tensor:
+        info = self.header.tensors[name]
+        return self.view(info, 0, info.numel)
+
+    def view(self, info: TensorInfo, start: int, count: int) -> torch.Tensor:
+        """Elements [start, start+count) of a tensor, flat, zero-copy."""
+        dtype = DTYPES[info.dtype]
+        if count == 0 or self._mm is None:
+            return torch.empty(count, dtype=dtype)
+        offset = self.header.data_start + info.begin + start * itemsize(info.dtype)
+        return torch.frombuffer(self._mm, dtype=dtype, count=count, offset=offset)
+
+    def prefetch(self, info: TensorInfo, start: int, count: int) -> None:
+        if self._mm is None or count == 0:
+            return
+        size = itemsize(info.dtype)
+        lo = self.header.data_start + info.begin + start * size
+        page = mmap.PAGESIZE
+        aligned = lo - lo % page
+        try:
+            self._mm.madvise(mmap.MADV_WILLNEED, aligned, lo + count * size - aligned)
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def close(self) -> None:
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:
+                pass  # a tensor still views the mapping; it is released with the last view
+
+
+# ---- writing ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * itemsize(self.dtype)
+
+
+def layout_header(tensors: list[OutTensor], metadata: dict[str, str] | None = None) -> tuple[bytes, list[int]]:
+    """The full header bytes for tensors written in the given order, and each tensor's data offset."""
+    doc: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
+    offsets, pos = [], 0
+    for t in tensors:
+        doc[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [pos, pos + t.nbytes]}
+        offsets.append(pos)
+        pos += t.nbytes
+    body = json.dumps(doc, separators=(",", ":")).encode()
+    body += b" " * (-(8 + len(body)) % 8)  # keep the data section 8-byte aligned, as safetensors does
+    return struct.pack("<Q", len(body)) + body, offsets
+
+
+class ShardWriter:
+    """Writes one shard front to back: header first, then each tensor's bytes as they arrive."""
+
+    def __init__(self, path: Path, tensors: list[OutTensor], metadata: dict[str, str] | None = None):
+        self.path = path
+        self.tensors = tensors
+        header, _ = layout_header(tensors, metadata)
+        self.total = len(header) + sum(t.nbytes for t in tensors)
+        self._f: BinaryIO = open(path, "wb")
+        self._f.write(header)
+        self._written = len(header)
+
+    def write(self, data: torch.Tensor) -> int:
+        raw = data.contiguous().view(-1).view(torch.uint8).numpy()
+        self._f.write(memoryview(raw))
+        self._written += raw.nbytes
+        return raw.nbytes
+
+    def close(self) -> None:
+        if self._written != self.total:
+            self._f.close()
+            raise RuntimeError(f"{self.path}: wrote {self._written} of {self.total} bytes")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+
+    def abort(self) -> None:
+        if not self._f.closed:
+            self._f.close()

@@ -1,0 +1,180 @@
+"""Model sources: a local HF folder, one .safetensors file, or a Hub id `org/name[@revision]`.
+
+Resolution reads only headers. Hub ids go through huggingface_hub's cache (so HF_HUB_OFFLINE and
+HF_HOME are honoured) and their shard hashes come free from the LFS blob names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from weightx.errors import InputError
+from weightx.safetensors_io import Header, TensorInfo, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
+HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass
+class Source:
+    alias: str
+    spec: str
+    kind: str  # "local" | "file" | "hub"
+    root: Path  # the folder holding config/tokenizer files (a file's parent for "file")
+    headers: dict[str, Header]  # shard file name -> header
+    weight_map: dict[str, str]  # tensor name -> shard file name
+    repo_id: str | None = None
+    revision: str | None = None  # resolved commit for hub sources
+    sha256: dict[str, str] = field(default_factory=dict)  # known shard hashes (hub blobs)
+    weightx_meta: dict | None = None  # the weightx.json of a weightx output, if it is one
+
+    def info(self, name: str) -> TensorInfo:
+        return self.headers[self.weight_map[name]].tensors[name]
+
+    def path_of(self, shard: str) -> Path:
+        return self.headers[shard].path
+
+    @property
+    def has_config(self) -> bool:
+        return self.kind != "file" and (self.root / "config.json").exists()
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(h.path.stat().st_size for h in self.headers.values())
+
+    def describe(self) -> str:
+        if self.kind == "hub":
+            return f"{self.repo_id}@{(self.revision or '')[:12]}"
+        return str(self.root if self.kind == "local" else self.root / next(iter(self.headers)))
+
+
+def _safe_shard_name(name: object, where: Path) -> str:
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise InputError(f"{where}: refusing shard name {name!r}: shard names must be plain file names in the same folder")
+    return name
+
+
+def _from_folder(alias: str, spec: str, root: Path) -> Source:
+    index = root / INDEX_NAME
+    if index.is_file():
+        try:
+            doc = json.loads(index.read_text(encoding="utf-8"))
+            weight_map_raw = doc["weight_map"]
+            if not isinstance(weight_map_raw, dict):
+                raise TypeError
+        except (OSError, ValueError, KeyError, TypeError):
+            raise InputError(f"{index}: not a valid safetensors index (needs a weight_map object); re-download it") from None
+        shards = {_safe_shard_name(f, index) for f in weight_map_raw.values()}
+        headers = {}
+        for shard in sorted(shards):
+            p = root / shard
+            if not p.is_file():
+                raise InputError(f"{index}: names shard {shard!r}, which is missing from {root}; re-download the model")
+            headers[shard] = read_header(p)
+        weight_map = {}
+        for name, shard in weight_map_raw.items():
+            if name not in headers[shard].tensors:
+                raise InputError(f"{index}: lists tensor {name!r} in {shard}, but that shard does not contain it")
+            weight_map[name] = shard
+        for shard, h in headers.items():  # tensors a shard holds but the index forgot still exist
+            for name in h.tensors:
+                weight_map.setdefault(name, shard)
+    elif (root / SINGLE_NAME).is_file():
+        headers = {SINGLE_NAME: read_header(root / SINGLE_NAME)}
+        weight_map = {n: SINGLE_NAME for n in headers[SINGLE_NAME].tensors}
+    else:
+        others = sorted(p.name for p in root.glob("*.safetensors"))
+        pickles = sorted(p.name for p in root.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        if len(others) == 1:
+            headers = {others[0]: read_header(root / others[0])}
+            weight_map = {n: others[0] for n in headers[others[0]].tensors}
+        elif pickles:
+            raise InputError(
+                f"{root}: only pickle weights ({', '.join(pickles[:3])}); weightx reads safetensors only."
+                " Convert with: python -c \"from transformers import AutoModelForCausalLM as M;"
+                f" M.from_pretrained('{root}').save_pretrained('{root}-safetensors')\""
+            )
+        else:
+            raise InputError(f"{root}: no {INDEX_NAME} or {SINGLE_NAME} here; is this a Hugging Face model folder?")
+    meta = None
+    wx = root / "weightx.json"
+    if wx.is_file():
+        try:
+            meta = json.loads(wx.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise InputError(f"{wx}: unreadable weightx.json; the folder may be from an interrupted run") from None
+    return Source(alias, spec, "local", root, headers, weight_map, weightx_meta=meta)
+
+
+def _from_file(alias: str, spec: str, path: Path) -> Source:
+    header = read_header(path)
+    return Source(alias, spec, "file", path.parent, {path.name: header}, {n: path.name for n in header.tensors})
+
+
+def looks_like_hub_id(spec: str) -> bool:
+    return bool(HUB_ID.match(spec)) and not spec.startswith((".", "/", "~"))
+
+
+def _from_hub(alias: str, spec: str) -> Source:
+    repo_id, _, revision = spec.partition("@")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import (
+            GatedRepoError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+    except ImportError as e:  # pragma: no cover - a hard dependency
+        raise InputError(f"huggingface_hub is needed for Hub id {spec!r}: {e}") from None
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=HUB_PATTERNS))
+    except GatedRepoError:
+        raise InputError(f"{repo_id} is gated: accept its terms on huggingface.co and log in with `hf auth login`") from None
+    except RepositoryNotFoundError:
+        raise InputError(f"{repo_id} not found on the Hub (or private: log in with `hf auth login`); check the id") from None
+    except RevisionNotFoundError:
+        raise InputError(f"{repo_id} has no revision {revision!r}; check the branch, tag or commit") from None
+    except LocalEntryNotFoundError:
+        raise InputError(
+            f"{spec} is not in the local Hugging Face cache and the Hub is unreachable or HF_HUB_OFFLINE=1;"
+            f" download it first (`hf download {repo_id}`) or point models.{alias} at a local folder"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot fetch {spec} from the Hub: {' '.join(str(e).split())[:300]}") from None
+    src = _from_folder(alias, spec, folder)
+    src.kind, src.repo_id = "hub", repo_id
+    src.revision = folder.name if re.fullmatch(r"[0-9a-f]{40}", folder.name) else (revision or None)
+    for shard, header in src.headers.items():
+        try:  # a cached LFS file is a symlink to blobs/<sha256>
+            blob = os.path.basename(os.readlink(header.path))
+        except OSError:
+            continue
+        if SHA256.match(blob):
+            src.sha256[shard] = blob
+    return src
+
+
+def resolve(alias: str, spec: str, base_dir: Path | None = None) -> Source:
+    """Resolve one `models:` entry to a Source, reading headers only."""
+    path = Path(os.path.expanduser(spec))
+    if not path.is_absolute() and base_dir is not None and not path.exists() and (base_dir / path).exists():
+        path = base_dir / path
+    if path.is_dir():
+        return _from_folder(alias, spec, path.resolve())
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
+                raise InputError(f"models.{alias}: {spec} is a pickle checkpoint; weightx reads safetensors only (convert it with transformers' save_pretrained)")
+            raise InputError(f"models.{alias}: {spec} is not a .safetensors file or a model folder")
+        return _from_file(alias, spec, path.resolve())
+    if looks_like_hub_id(spec):
+        return _from_hub(alias, spec)
+    raise InputError(f"models.{alias}: {spec!r} does not exist; give a local folder, a .safetensors file or a Hub id org/name[@revision]")

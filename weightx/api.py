@@ -72,7 +72,6 @@ def execute(plan: Plan, *, device: str = "auto", overwrite: bool = False, progre
             copy_config(plan.config_source.root, tmp, cfg_dtype)
         weight_map = {t.name: s.filename for s in plan.shards for t in s.tensors}
         write_json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": plan.total_size}, "weight_map": dict(sorted(weight_map.items()))})
-        (tmp / "README.md").write_text(render_card(plan), encoding="utf-8")
         recipe_form = r.recipe_form()
         recipe_form.setdefault("output", {})["path"] = str(plan.out_path)
         doc = {
@@ -93,6 +92,7 @@ def execute(plan: Plan, *, device: str = "auto", overwrite: bool = False, progre
             "seconds": round(time.perf_counter() - t0, 3),
             "tensors": {k: v.as_dict() for k, v in stats.items()},
         }
+        (tmp / "README.md").write_text(render_card(plan, doc), encoding="utf-8")  # from the record: has the hashes
         write_json(tmp / "weightx.json", doc)  # last: its presence marks the folder complete
         finalize(tmp, plan.out_path)
     except BaseException:

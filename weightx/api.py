@@ -110,12 +110,20 @@ def apply(
     overrides: list[str] | tuple[str, ...] = (),
     overwrite: bool = False,
     progress: bool | None = False,
+    push: bool = True,
 ) -> ApplyResult:
-    """Run a recipe (object, YAML path or dict) and return where the output went and its stats."""
+    """Run a recipe (object, YAML path or dict) and return where the output went and its stats.
+
+    With a `push:` block the output is then published to the Hub (`push=False` skips it)."""
     recipe_dir = Path(recipe).parent if isinstance(recipe, (str, Path)) else None
     r = load_recipe(recipe, overrides)
     plan = build_plan(r, output, recipe_dir)
-    return execute(plan, device=device, overwrite=overwrite, progress=progress)
+    result = execute(plan, device=device, overwrite=overwrite, progress=progress)
+    if push and r.push is not None:  # keep last: publish only after apply (and validation) succeeded
+        from weightx.publish import push_spec
+
+        result.extra["push"] = push_spec(result.path, r.push).as_dict()
+    return result
 
 
 def plan(recipe: Recipe | str | Path | dict, *, output: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Plan:

@@ -56,6 +56,10 @@ def apply(recipe: str, output: str | None, device: str, overrides: tuple[str, ..
         return
     result = execute(plan, device=device, overwrite=overwrite, progress=progress)
     click.echo(f"wrote {result.path} ({human_bytes(result.total_size)} in {len(result.shards)} shard(s), {result.seconds:.1f} s)")
+    if r.push is not None and not no_push:  # keep last: publish only after apply (and validation) succeeded
+        from weightx.publish import push_spec, render_push
+
+        click.echo(render_push(push_spec(result.path, r.push, log=lambda m: click.echo(m, err=True))))
 
 
 @main.command()
@@ -81,6 +85,26 @@ def inspect(path: str, show_tensors: bool, as_json: bool) -> None:
     from weightx.inspect import inspect_source
 
     click.echo(inspect_source(path, show_tensors=show_tensors, as_json=as_json))
+
+
+@main.command()
+@click.argument("path", type=click.Path(file_okay=False))
+@click.option("--repo", help="Hub repo id, namespace/name (default: the recipe's push.repo).")
+@click.option("--private", is_flag=True, help="Create the repo private (refuses an existing public one).")
+@click.option("--revision", help="Branch to push to; created if missing (default: main).")
+@click.option("--commit-message", help="Commit summary (default: describes the recipe).")
+@click.option("--token", help="Hub token (default: HF_TOKEN or your saved `hf auth login`).")
+@click.option("--dry-run", is_flag=True, help="List files, sizes and sha256 and the target; no network call.")
+@click.option("--force", is_flag=True, help="Push even though the output failed its validation.")
+def push(path: str, repo: str | None, private: bool, revision: str | None, commit_message: str | None,
+         token: str | None, dry_run: bool, force: bool) -> None:
+    """Publish a finished output folder PATH, with its model card, to the Hugging Face Hub."""
+    from weightx.publish import push as push_folder
+    from weightx.publish import render_dry_run, render_push
+
+    result = push_folder(path, repo=repo, private=private, revision=revision, commit_message=commit_message,
+                         token=token, dry_run=dry_run, force=force, log=lambda m: click.echo(m, err=True))
+    click.echo(render_dry_run(result) if dry_run else render_push(result))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ from __future__ import annotations
 from weightx.combine.base import CombineConfig
 from weightx.combine.mean import Mean
 from weightx.combine.sum import Sum
+from weightx.combine.ties import Ties
 
-COMBINES: dict[str, type[CombineConfig]] = {cls.model_fields["op"].default: cls for cls in (Sum, Mean)}
+COMBINES: dict[str, type[CombineConfig]] = {cls.model_fields["op"].default: cls for cls in (Sum, Mean, Ties)}
 
-__all__ = ["COMBINES", "CombineConfig", "Sum", "Mean"]
+__all__ = ["COMBINES", "CombineConfig", "Sum", "Mean", "Ties"]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from weightx.edits.base import EditConfig, TensorContext
+from weightx.edits.dare import Dare
 from weightx.edits.expo import Expo
+from weightx.edits.magnitude import Magnitude
 from weightx.edits.scale import Scale
 
-EDITS: dict[str, type[EditConfig]] = {cls.model_fields["op"].default: cls for cls in (Expo, Scale)}
+EDITS: dict[str, type[EditConfig]] = {cls.model_fields["op"].default: cls for cls in (Expo, Scale, Dare, Magnitude)}
 
-__all__ = ["EDITS", "EditConfig", "TensorContext", "Expo", "Scale"]
+__all__ = ["EDITS", "EditConfig", "TensorContext", "Expo", "Scale", "Dare", "Magnitude"]

@@ -1,0 +1,98 @@
+"""TIES merging: trim, elect sign, disjoint merge.
+
+Yadav et al., "TIES-Merging: Resolving Interference When Merging Models" (arXiv 2306.01708).
+Per tensor, for deltas τ_t with weights w_t:
+1. trim: keep the top-`density` fraction of |τ_t| (exact count, ties by lowest flat index; see
+   `weightx.topk`). Per tensor, as mergekit and MergeLM's successor do; the paper trims globally.
+2. weight: τ̂_t = w_t·τ_t. Weights are applied before the election, as in mergekit, so a weight
+   scales a delta's say in the sign as well as its contribution.
+3. elect: γ = sign(Σ_t τ̂_t) ("mass"). Where the sum is exactly 0, `zero_sign: positive` (the
+   default) elects +1, as mergekit's `(sum >= 0)*2 - 1`; `zero_sign: majority` elects the sign held
+   by most entries of this tensor, as the paper's code does (+1 if that is a tie too).
+4. disjoint merge: over the entries whose sign agrees with γ (zeros never agree),
+   `normalize: true` (default) gives Σ τ̂_t / Σ w_t, the weighted mean, which is the paper's
+   disjoint mean for unit weights and mergekit's `ties`; `normalize: false` gives the plain sum
+   Σ τ̂_t (mergekit's `dare_ties` default). Entries where nothing agrees are 0.
+5. scale: multiply by `scale` (the paper's λ, mergekit's `lambda`; default 1).
+With `dare` edits on the deltas first this is DARE-TIES (MergeLM: DARE, then TIES).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import field_validator
+
+from weightx.combine.base import CombineConfig
+from weightx.edits.base import TensorContext
+from weightx.edits.magnitude import check_density
+from weightx.topk import trim_
+
+PAPER = "https://arxiv.org/abs/2306.01708"
+
+
+def ties(
+    deltas: list[torch.Tensor],
+    weights: list[float],
+    *,
+    density: float,
+    zero_sign: Literal["positive", "majority"] = "positive",
+    normalize: bool = True,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """TIES over same-shaped float32 deltas; the deltas are modified in place."""
+    for d, w in zip(deltas, weights):
+        trim_(d, density)
+        if w != 1.0:
+            d.mul_(w)
+    mass = deltas[0].clone()
+    for d in deltas[1:]:
+        mass.add_(d)
+    positive = mass >= 0  # elected +1; a zero sum counts as +1 here ...
+    if zero_sign == "majority":
+        n_pos, n_neg = int((mass > 0).sum()), int((mass < 0).sum())
+        if n_neg > n_pos:  # ... unless most of the tensor elects −1
+            positive.logical_and_(mass != 0)
+    merged = mass.zero_()  # reuse the buffer
+    divisor = torch.zeros_like(merged) if normalize else None
+    for d, w in zip(deltas, weights):
+        agree = torch.where(positive, d > 0, d < 0)
+        merged.add_(d.masked_fill_(agree.logical_not(), 0.0))
+        if divisor is not None:
+            divisor.add_(agree, alpha=w)
+    if divisor is not None:
+        merged.div_(divisor.masked_fill_(divisor == 0, 1.0))
+    if scale != 1.0:
+        merged.mul_(scale)
+    return merged
+
+
+class Ties(CombineConfig):
+    op: Literal["ties"] = "ties"
+    density: float
+    zero_sign: Literal["positive", "majority"] = "positive"
+    normalize: bool = True
+    scale: float = 1.0
+
+    elementwise: ClassVar[bool] = False  # trimming needs each whole tensor
+
+    @field_validator("density")
+    @classmethod
+    def _density(cls, v: float) -> float:
+        return check_density(v)
+
+    def combine(self, deltas: list[torch.Tensor], weights: list[float], ctx: TensorContext) -> torch.Tensor:
+        return ties(
+            deltas, weights, density=self.density, zero_sign=self.zero_sign, normalize=self.normalize, scale=self.scale
+        )
+
+    def describe(self) -> str:
+        opts = [f"density={self.density:g}"]
+        if self.zero_sign != "positive":
+            opts.append(f"zero_sign={self.zero_sign}")
+        if not self.normalize:
+            opts.append("normalize=false")
+        if self.scale != 1.0:
+            opts.append(f"scale={self.scale:g}")
+        return f"TIES({', '.join(opts)})"

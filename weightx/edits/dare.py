@@ -1,0 +1,115 @@
+"""DARE: Drop And REscale, with the Unified-View generalisation `k`.
+
+Yu et al., "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free
+Lunch" (arXiv 2311.03099): drop each delta entry with probability p and rescale the survivors by
+1/(1 − p), so E[δ̃] = δ and Var[δ̃ᵢ] = δᵢ²·p/(1 − p).
+
+Tang et al., "A Unified View of Delta Parameter Editing" (arXiv 2410.13841, §5.2 of METHODS.md):
+a random fraction p is multiplied by k and the rest by (1 − k·p)/(1 − p); the expected factor is
+still 1. k = 0 is DARE, k = 1 the identity.
+
+`rescale` picks the survivors' factor: `inverse_keep` (the paper: (1 − k·p)/(1 − p)), `none`
+(factor 1, plain dropping), or `l1` (mergekit's since its PR #245: survivors keep factor 1, then
+the whole tensor is scaled so its L1 norm equals the input's; skipped when either norm is below
+1e-7). `l1` needs tensor-wide norms, so it is the only setting that is not elementwise.
+
+Randomness: entry i of tensor `name` is dropped when u(seed, name, i) < p, with u from the
+counter-based hash in `weightx.rng`; the mask is the same whatever the block size, tensor order,
+shard layout, process count or device. It does not reproduce MergeLM's or mergekit's masks
+(theirs come from torch's global generator).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import field_validator
+from pydantic_core import PydanticCustomError
+
+from weightx import rng
+from weightx.edits.base import EditConfig, TensorContext
+
+PAPER = "https://arxiv.org/abs/2311.03099"
+UNIFIED_VIEW = "https://arxiv.org/abs/2410.13841"
+L1_EPS = 1e-7  # mergekit's guard against rescaling (near-)empty tensors
+
+Rescale = Literal["inverse_keep", "none", "l1"]
+
+
+def survivor_factor(drop: float, k: float, rescale: str) -> float:
+    if rescale != "inverse_keep" or drop >= 1.0:
+        return 1.0  # drop = 1 leaves no survivors (MergeLM returns zeros rather than divide by 0)
+    return (1.0 - k * drop) / (1.0 - drop)
+
+
+def dare_(
+    delta: torch.Tensor,
+    *,
+    drop: float,
+    key: int,
+    offset: int = 0,
+    rescale: Rescale = "inverse_keep",
+    k: float = 0.0,
+) -> torch.Tensor:
+    """DARE in place on `delta`, whose flat element j is element offset + j of the keyed tensor.
+
+    Dropped ("selected") entries are multiplied by k, the others by `survivor_factor`; `l1` then
+    rescales the whole of `delta` (only meaningful when it is the whole tensor, offset 0).
+    """
+    if drop == 0.0:
+        return delta  # nothing is selected and the survivors' factor is exactly 1
+    delta = delta.contiguous()
+    flat = delta.view(-1)
+    keep = survivor_factor(drop, k, rescale)
+    norm_in = norm_out = 0.0
+    for s, mask in rng.drop_chunks(key, offset, flat.numel(), drop, flat.device):
+        part = flat[s : s + mask.numel()]
+        if rescale == "l1":
+            norm_in += float(part.abs().sum(dtype=torch.float64))
+        if k == 0.0:
+            part.masked_fill_(mask, 0.0)
+            if keep != 1.0:
+                part.mul_(keep)
+        else:
+            # One multiply per entry (k or the survivors' factor), so k = 0 written this way
+            # rounds exactly like the branch above.
+            part.mul_(torch.where(mask, k, keep).to(part.dtype))
+        if rescale == "l1":
+            norm_out += float(part.abs().sum(dtype=torch.float64))
+    if rescale == "l1" and norm_in >= L1_EPS and norm_out >= L1_EPS:
+        delta.mul_(norm_in / norm_out)
+    return delta
+
+
+class Dare(EditConfig):
+    op: Literal["dare"] = "dare"
+    drop: float
+    rescale: Rescale = "inverse_keep"
+    k: float = 0.0
+    seed: int = 0
+
+    @field_validator("drop")
+    @classmethod
+    def _drop_range(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise PydanticCustomError(
+                "dare_drop",
+                "drop must satisfy 0 <= drop < 1 (the probability of dropping each delta entry; "
+                "e.g. 0.9 keeps about 10%), got {value}",
+                {"value": v},
+            )
+        return v
+
+    @property
+    def elementwise(self) -> bool:  # type: ignore[override]
+        return self.rescale != "l1"  # l1 needs the whole tensor's norms
+
+    def apply(self, delta: torch.Tensor, ctx: TensorContext) -> torch.Tensor:
+        return dare_(
+            delta, drop=self.drop, key=ctx.seed_key(self.seed), offset=ctx.offset, rescale=self.rescale, k=self.k
+        )
+
+    def describe(self) -> str:
+        extra = f", k={self.k:g}" if self.k != 0.0 else ""
+        return f"DARE drop={self.drop:g} rescale={self.rescale}{extra} seed={self.seed}"

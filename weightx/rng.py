@@ -1,0 +1,148 @@
+"""Counter-based random numbers: element i of a tensor gets a value that depends only on (key, i).
+
+Random edits (DARE) must give the same mask whatever the block size, tensor order, shard layout,
+process count or device. A stateful generator (torch.Generator, torch.bernoulli) cannot promise
+that: its stream depends on how much was drawn before and differs between CPU and CUDA. Here each
+element's value is a hash of (key, flat index), computed with integer tensor ops that are exact on
+every device, so any block of any tensor can be drawn on its own.
+
+The hash is two rounds of Wellons' "lowbias32" integer finaliser (a bijection on 32-bit words),
+keyed before each round: h = f(f(i ⊕ k₀) ⊕ k₁), with k₀, k₁ two 32-bit words of the key
+(`TensorContext.seed_key`, from sha256 of seed and tensor name). Indices ≥ 2³² fold their high word
+into k₀. Values live in int64 tensors holding unsigned 32-bit words: a product of a word and a
+multiplier written as a signed 32-bit constant stays below 2⁶³ in magnitude (no overflow, which
+is undefined in C++), masking to 32 bits afterwards gives the product mod 2³², and right shifts
+of non-negative values are logical.
+
+Uniforms use the top 24 bits, u = (h >> 8) / 2²⁴, exact in float32; `drop_mask` compares the
+integers directly (u < p ⇔ h < ⌈p·2²⁴⌉·2⁸), so P(drop) = ⌈p·2²⁴⌉/2²⁴, within 6e-8 of p.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Iterator
+
+import torch
+
+M32 = 0xFFFFFFFF
+_C1 = 0x7FEB352D  # lowbias32 multipliers (Wellons, "Hash function prospector")
+_C2 = 0x846CA68B
+_GOLDEN = 0x9E3779B9
+CHUNK = 1 << 20  # elements hashed at once: bounds the int64 temporaries to 16 MB
+UNIFORM_BITS = 24
+
+
+def _signed32(c: int) -> int:
+    """c mod 2³² as a value in [−2³¹, 2³¹): |word · c| < 2⁶³, so int64 products never overflow."""
+    return c - (1 << 32) if c >= 1 << 31 else c
+
+
+_S1, _S2 = _signed32(_C1), _signed32(_C2)
+
+
+def mix32(x: int) -> int:
+    """lowbias32 on a Python int (the reference the tensor version must match)."""
+    x &= M32
+    x ^= x >> 16
+    x = (x * _C1) & M32
+    x ^= x >> 15
+    x = (x * _C2) & M32
+    x ^= x >> 16
+    return x
+
+
+def _mix_(h: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """lowbias32 in place on an int64 tensor of 32-bit words; `tmp` is scratch of the same size."""
+    torch.bitwise_right_shift(h, 16, out=tmp)
+    h.bitwise_xor_(tmp)
+    h.mul_(_S1).bitwise_and_(M32)
+    torch.bitwise_right_shift(h, 15, out=tmp)
+    h.bitwise_xor_(tmp)
+    h.mul_(_S2).bitwise_and_(M32)
+    torch.bitwise_right_shift(h, 16, out=tmp)
+    return h.bitwise_xor_(tmp)
+
+
+def key_words(key: int, hi: int = 0) -> tuple[int, int]:
+    """The two round keys for indices whose high 32-bit word is `hi`."""
+    k0, k1 = key & M32, (key >> 32) & M32
+    if hi:
+        k0 = mix32(k0 ^ mix32(hi * _GOLDEN))
+    return k0, k1
+
+
+def hash_range(key: int, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """32-bit hashes (int64 tensor) of flat indices start … start+count−1 under `key`."""
+    out = torch.empty(count, dtype=torch.int64, device=device)
+    tmp = torch.empty(min(count, CHUNK), dtype=torch.int64, device=device)
+    for s in range(0, count, CHUNK):
+        c = min(CHUNK, count - s)
+        _hash_into(out[s : s + c], tmp[:c], key, start + s)
+    return out
+
+
+def _hash_into(h: torch.Tensor, tmp: torch.Tensor, key: int, start: int) -> None:
+    # Split at 2³² boundaries so every piece has one high word (only tensors over 4G elements).
+    n, pos = h.numel(), 0
+    while pos < n:
+        i = start + pos
+        hi, lo = i >> 32, i & M32
+        c = min(n - pos, (1 << 32) - lo)
+        k0, k1 = key_words(key, hi)
+        piece, t = h[pos : pos + c], tmp[pos : pos + c]
+        torch.arange(lo, lo + c, dtype=torch.int64, device=h.device, out=piece)
+        _mix_(piece.bitwise_xor_(k0), t)
+        _mix_(piece.bitwise_xor_(k1), t)
+        pos += c
+
+
+def uniform(key: int, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """float32 uniforms in [0, 1) on a 2⁻²⁴ grid for flat indices start … start+count−1."""
+    h = hash_range(key, start, count, device)
+    return h.bitwise_right_shift_(32 - UNIFORM_BITS).to(torch.float32).mul_(2.0**-UNIFORM_BITS)
+
+
+def drop_threshold(p: float) -> int:
+    """Hashes below this are dropped: u < p ⇔ h < ⌈p·2²⁴⌉·2⁸ (p·2²⁴ is exact in float64)."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"probability must be in [0, 1], got {p}")
+    return math.ceil(p * (1 << UNIFORM_BITS)) << (32 - UNIFORM_BITS)
+
+
+_local = threading.local()
+
+
+def _scratch(count: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two int64 buffers and a bool buffer of ≥ count (≤ CHUNK) elements, reused per thread and
+    device: fresh 8 MB allocations per block cost more in page faults than the hash itself."""
+    cache: dict = _local.__dict__.setdefault("bufs", {})
+    bufs = cache.get(device)
+    if bufs is None or bufs[0].numel() < count:
+        n = max(count, min(CHUNK, 1 << 16))
+        bufs = cache[device] = (
+            torch.empty(n, dtype=torch.int64, device=device),
+            torch.empty(n, dtype=torch.int64, device=device),
+            torch.empty(n, dtype=torch.bool, device=device),
+        )
+    return bufs[0][:count], bufs[1][:count], bufs[2][:count]
+
+
+def drop_chunks(key: int, start: int, count: int, p: float, device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (position, bool mask) for successive chunks of ≤ CHUNK elements; True (drop) with
+    probability p. The mask is a reused buffer: use it before asking for the next chunk."""
+    threshold = drop_threshold(p)
+    for s in range(0, count, CHUNK):
+        c = min(CHUNK, count - s)
+        h, tmp, mask = _scratch(c, torch.device(device))
+        _hash_into(h, tmp, key, start + s)
+        yield s, torch.lt(h, threshold, out=mask)
+
+
+def drop_mask(key: int, start: int, count: int, p: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Bool mask, True with probability p independently per element (True = drop, as in DARE)."""
+    out = torch.empty(count, dtype=torch.bool, device=device)
+    for s, mask in drop_chunks(key, start, count, p, torch.device(device)):
+        out[s : s + mask.numel()] = mask
+    return out

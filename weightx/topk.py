@@ -1,0 +1,97 @@
+"""Exact top-k by magnitude without sorting: a two-pass radix select on float32 bit patterns.
+
+For non-negative IEEE floats the bit pattern, read as an integer, orders like the value, so
+|x| ↦ bits(x) & 0x7FFFFFFF turns "the k largest magnitudes" into an integer selection:
+1. histogram the high 15 bits (32 768 buckets) and find the bucket holding the k-th largest;
+2. histogram the low 16 bits of that bucket's members only, which gives the exact threshold;
+3. keep everything above the threshold, and as many entries equal to it as are still needed,
+   lowest flat index first.
+Cost is a few linear passes and one int32 temporary, instead of the O(n log n) argsort mergekit
+uses (its TIES spends most of its time there). Every step is integer arithmetic, so the selected
+set is the same on every device and run.
+
+Conventions: the count is ⌊density·n⌋ computed from the decimal the user wrote (0.29 of 100 is
+29; float `int(0.29*100)` would give 28) and at least 1 for a non-empty tensor with density > 0,
+as mergekit does. Ties at the threshold are broken by flat (row-major) index, lowest first. −0.0
+counts as 0. NaN counts as larger than any number (a NaN delta means a broken input anyway).
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import torch
+
+_ABS = 0x7FFFFFFF
+
+
+def keep_count(density: float, n: int) -> int:
+    """How many of n entries a top-`density` selection keeps."""
+    if n <= 0 or density <= 0:
+        return 0
+    if density >= 1:
+        return n
+    # str() is the shortest decimal that round-trips: the number the user typed.
+    return min(n, max(1, math.floor(Fraction(str(density)) * n)))
+
+
+def _kth_bucket(counts: torch.Tensor, k: int) -> tuple[int, int]:
+    """Largest bucket b with #(entries in buckets ≥ b) ≥ k, and #(entries in buckets > b)."""
+    at_or_above = counts.flip(0).cumsum(0).flip(0)  # non-increasing in b
+    b = int((at_or_above >= k).sum()) - 1
+    above = int(at_or_above[b + 1]) if b + 1 < counts.numel() else 0
+    return b, above
+
+
+def threshold_bits(x: torch.Tensor, k: int) -> tuple[int, int]:
+    """(v, r): the k-th largest |x| as float32 bits v, and how many entries equal to it to keep.
+
+    x is float32 and contiguous; 1 ≤ k ≤ numel.
+    """
+    bits = x.reshape(-1).view(torch.int32)
+    hi = torch.bitwise_right_shift(bits, 16).bitwise_and_(_ABS >> 16)  # 15 bits; masks the sign
+    b, above = _kth_bucket(torch.bincount(hi, minlength=1 << 15), k)
+    members = bits[hi == b]
+    del hi
+    lo = members.bitwise_and_(0xFFFF)
+    l, above_lo = _kth_bucket(torch.bincount(lo, minlength=1 << 16), k - above)
+    return (b << 16) | l, k - above - above_lo
+
+
+def _select(x: torch.Tensor, k: int, *, exact_zeros: bool) -> torch.Tensor:
+    x = x.contiguous()
+    v, r = threshold_bits(x, k)
+    mags = x.reshape(-1).view(torch.int32).bitwise_and(_ABS)
+    keep = mags > v
+    if v == 0 and not exact_zeros:
+        # The remaining picks would all be zeros, which change no value: skip them rather than
+        # build the index list of what may be most of the tensor.
+        return keep.view(x.shape)
+    ties = torch.nonzero(mags == v).view(-1)
+    del mags
+    keep[ties[:r]] = True
+    return keep.view(x.shape)
+
+
+def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask (shape of x) selecting exactly k entries of largest |x|; ties by lowest flat index."""
+    if k >= x.numel():
+        return torch.ones(x.shape, dtype=torch.bool, device=x.device)
+    if k <= 0:
+        return torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+    return _select(x, k, exact_zeros=True)
+
+
+def trim_(x: torch.Tensor, density: float) -> torch.Tensor:
+    """Zero all but the top-`density` fraction of |x| in place (exact count, see module doc).
+
+    Equal in value to `x * topk_mask(x, k)`; when the threshold is 0 the zeros it would keep are
+    not tracked, since keeping a zero changes nothing.
+    """
+    k = keep_count(density, x.numel())
+    if k >= x.numel():
+        return x
+    if k == 0:
+        return x.zero_()
+    return x.masked_fill_(_select(x, k, exact_zeros=False).logical_not_(), 0.0)

@@ -1,0 +1,153 @@
+"""BitDelta: a fine-tune's delta as one sign bit per weight plus one float scale per matrix.
+
+Liu et al., "BitDelta: Your Fine-Tune May Only Be Worth One Bit" (NeurIPS 2024, arXiv 2402.10193):
+δ̂ = α·sign(δ), α = mean|δ| (the L2-optimal scale for a fixed sign pattern:
+‖δ − α·S‖² = Σ(|δ_ij| − α)², minimised at the mean). `distill:` then trains the scales only, on
+the logit MSE against the fine-tuned model (`weightx.distill`).
+
+Sign of zero: **sign(0) = +1**, as the reference code does (`mask[diff < 0] = 0`); the paper's
+text says −1. bf16 deltas hold many exact zeros, so the choice shows in the output.
+
+Extensions (Unified View of delta editing, arXiv 2410.13841, and BitDelta's own ablation):
+- `scale_multiplier` c: the stored scales are c·α (c = 1 is BitDelta).
+- `bits: b > 1`, residual binarisation: R₀ = δ, α_j = mean|R_{j−1}|, S_j = sign(R_{j−1}),
+  R_j = R_{j−1} − α_j·S_j, δ̂ = c·Σ_j α_j·S_j. ‖δ − δ̂‖ never increases with b (c = 1), and b = 1
+  is plain BitDelta.
+- `group: row`: one scale per output row (per vector along the last dimension) instead of one per
+  matrix; the residual chain is then per row.
+
+Storage (`output.format: delta`): `W.packed` uint8 [b, *shape[:-1], ⌈in/8⌉] sign planes (bit = 1
+means +), LSB first along the last dimension; `W.scale` float32 [b] (group tensor) or
+[b, *shape[:-1]] (group row). The dense output is base + decode(encode(δ)), literally, so it equals
+a reconstruction from the artifact bit for bit.
+
+By default only the 2-D weights of the attention and MLP projections are compressed (the reference
+replaces children named `*proj*` of `self_attn` / `mlp` modules); embeddings, lm_head and norms keep
+their fine-tuned values. `include` / `exclude` override this.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+
+from weightx.edits.base import EditConfig, TensorContext
+from weightx.packing import pack_bits, packed_len, unpack_bits
+
+PAPER = "https://arxiv.org/abs/2402.10193"
+
+# Linear layers of attention and MLP blocks (Llama, Mistral, Qwen2, Phi-3, ...).
+LINEAR_PROJ = ("*self_attn.*proj*.weight", "*mlp.*proj*.weight")
+
+
+def binarize(
+    delta: torch.Tensor, bits: int = 1, group: str = "tensor", multiplier: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """δ (float32, rank ≥ 1) → (packed sign planes uint8 [bits, *rows, ⌈n/8⌉], scales float32).
+
+    Scales have shape [bits] for `group="tensor"`, [bits, *rows] for `group="row"`.
+    """
+    r = delta.to(torch.float32)
+    planes, scales = [], []
+    for j in range(bits):
+        positive = r >= 0  # sign(0) = +1
+        a = r.abs().mean() if group == "tensor" else r.abs().mean(dim=-1)
+        planes.append(pack_bits(positive))
+        scales.append(a)
+        if j + 1 < bits:
+            step = _signed(positive, a if group == "tensor" else a.unsqueeze(-1))
+            r = r - step if j == 0 else r.sub_(step)
+    scale = torch.stack(scales)
+    if multiplier != 1.0:
+        scale = scale * multiplier
+    return torch.stack(planes), scale.to(torch.float32)
+
+
+def _signed(positive: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    # torch.where picks a or -a exactly: no multiply, so the result is the stored scale bit for bit.
+    return torch.where(positive, a, -a)
+
+
+def debinarize(packed: torch.Tensor, scale: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Σ_j scale_j·S_j as float32 of `shape`; planes are added in order j = 0, 1, ... ."""
+    bits = packed.shape[0]
+    row_scales = scale.dim() > 1
+    out = None
+    for j in range(bits):
+        positive = unpack_bits(packed[j], shape[-1]).to(scale.device)
+        a = scale[j].unsqueeze(-1) if row_scales else scale[j]
+        term = _signed(positive, a)
+        out = term if out is None else out.add_(term)
+    return out.reshape(shape)
+
+
+class Distill(BaseModel):
+    """Scale distillation (BitDelta §3.2): only the scales train, on logit MSE to the fine-tuned model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    data: str  # a UTF-8 text file: calibration text (relative paths: to the recipe, then the cwd)
+    steps: int = Field(200, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(4, ge=1)
+    max_length: int = Field(128, ge=2)
+
+
+class BitDelta(EditConfig):
+    op: Literal["bitdelta"] = "bitdelta"
+    scale_multiplier: float = 1.0
+    bits: int = Field(1, ge=1, le=8)
+    group: Literal["tensor", "row"] = "tensor"
+    distill: Distill | None = None
+
+    default_include: ClassVar[tuple[str, ...]] = LINEAR_PROJ
+    elementwise: ClassVar[bool] = False
+    compresses: ClassVar[bool] = True
+
+    # Scales learned by distillation, per tensor name; they replace the initial ones in `encode`.
+    _learned: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)
+
+    def applies_to(self, name: str, shape: tuple[int, ...]) -> bool:
+        return len(shape) >= 1 and super().applies_to(name, shape)
+
+    def part_specs(self, shape: tuple[int, ...]) -> dict[str, tuple[str, tuple[int, ...]]]:
+        rows = tuple(shape[:-1])
+        return {
+            "packed": ("U8", (self.bits, *rows, packed_len(shape[-1]))),
+            "scale": ("F32", (self.bits,) if self.group == "tensor" else (self.bits, *rows)),
+        }
+
+    def codec_params(self, shape: tuple[int, ...]) -> dict:
+        return {"codec": "bitdelta", "bits": self.bits, "group": self.group}
+
+    def encode(self, delta: torch.Tensor, ctx: TensorContext) -> dict[str, torch.Tensor]:
+        packed, scale = binarize(delta, self.bits, self.group, self.scale_multiplier)
+        learned = self._learned.get(ctx.name)
+        if learned is not None:
+            scale = learned.to(device=scale.device, dtype=torch.float32).reshape(scale.shape)
+        return {"packed": packed, "scale": scale}
+
+    def decode(self, parts: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+        return decode_parts(parts, shape)
+
+    def apply(self, delta: torch.Tensor, ctx: TensorContext) -> torch.Tensor:
+        return self.decode(self.encode(delta, ctx), tuple(delta.shape)).to(delta.device)
+
+    def describe(self) -> str:
+        extra = []
+        if self.bits != 1:
+            extra.append(f"{self.bits} bits")
+        if self.group != "tensor":
+            extra.append(f"per-{self.group} scales")
+        if self.scale_multiplier != 1.0:
+            extra.append(f"scale ×{self.scale_multiplier:g}")
+        if self.distill is not None:
+            extra.append(f"scales distilled {self.distill.steps} steps")
+        return "BitDelta 1-bit delta" + (f" ({', '.join(extra)})" if extra else "")
+
+
+def decode_parts(parts: dict[str, torch.Tensor], shape: tuple[int, ...], **_: object) -> torch.Tensor:
+    """Stored parts → dense float32 delta (used by the edit and by the artifact reader)."""
+    return debinarize(parts["packed"], parts["scale"].to(torch.float32), tuple(shape))

@@ -78,6 +78,7 @@ class Fault:
     pattern: re.Pattern
     status: int
     times: int | None  # None = always
+    message: str | None = None  # "{auth}" becomes the request's Authorization header (a server echoing it)
 
 
 class HubState:
@@ -155,7 +156,8 @@ class Handler(BaseHTTPRequestHandler):
                     if f.method == method and f.pattern.search(path) and (f.times is None or f.times > 0):
                         if f.times is not None:
                             f.times -= 1
-                        raise _err(f.status, f"injected failure {f.status}")
+                        msg = (f.message or f"injected failure {f.status}").replace("{auth}", entry["authorization"] or "")
+                        raise _err(f.status, msg)
             self._route(method, path, query, body)
             entry["status"] = 200
         except _Reply as r:
@@ -437,9 +439,10 @@ class HubServer(ThreadingHTTPServer):
 
     # -- test helpers -----------------------------------------------------------------------
 
-    def fail(self, method: str, path_regex: str, status: int, times: int | None = None) -> None:
+    def fail(self, method: str, path_regex: str, status: int, times: int | None = None, message: str | None = None) -> None:
+        """Answer `status` to matching requests, `times` times (None: always)."""
         with self.state.lock:
-            self.state.faults.append(Fault(method, re.compile(path_regex), status, times))
+            self.state.faults.append(Fault(method, re.compile(path_regex), status, times, message))
 
     def clear_faults(self) -> None:
         with self.state.lock:

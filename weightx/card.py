@@ -171,7 +171,8 @@ def summary(record: dict) -> str:
     if len(deltas) > 1 or comb != "sum":
         inner = ", ".join(f"{k}={v}" for k, v in params.items())
         text += f", combined by {comb}({inner})" if inner else f", combined by {comb}"
-    return text[0].upper() + text[1:] + "."
+    # Method descriptions keep their own case ("ExPO ...", "dare(drop=0.9)"); only prose is capitalised.
+    return (text[0].upper() + text[1:] if text.startswith("the ") else text) + "."
 
 
 # ----------------------------------------------------------------------------------- validation
@@ -205,7 +206,7 @@ def eval_results(record: dict) -> list:
                 continue
             out.append(EvalResult(task_type="text-generation", dataset_type=task, dataset_name=task,
                                   dataset_args=args, metric_type=_metric_id(metric), metric_name=_metric_id(metric),
-                                  metric_value=value, source_name="weightx validate (lm-eval)"))
+                                  metric_value=value))
     return out
 
 

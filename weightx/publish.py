@@ -31,13 +31,14 @@ if TYPE_CHECKING:
     from weightx.recipe import PushSpec
 
 RETRIES = 3  # extra attempts per step after the first
-BACKOFF_S = 2.0  # first wait; doubles each attempt
+BACKOFF_S = 2.0  # first wait; doubles each attempt (WEIGHTX_PUSH_BACKOFF overrides it, e.g. in tests)
 MAX_BACKOFF_S = 30.0
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 # Remote files a push replaces wholesale: left-over ones would be loaded instead of (or beside) the new weights.
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth",
                    "*.ckpt", "*.gguf", "*.h5", "*.msgpack")
 SCAN_LIMIT = 10 << 20  # text files up to this size are checked for the token
+MIN_TOKEN_LEN = 8  # shorter "tokens" are not real ones, and would match everywhere
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]{0,95}/[A-Za-z0-9][\w.\-]{0,95}$")
 
 
@@ -137,7 +138,7 @@ def find_token(token: str | None) -> tuple[str | None, str | None]:
 
 
 def _scrub(text: str, token: str | None) -> str:
-    return text.replace(token, "***") if token and len(token) >= 4 else text
+    return text.replace(token, "***") if token and len(token) >= MIN_TOKEN_LEN else text
 
 
 # ----------------------------------------------------------------------------------- manifest
@@ -163,6 +164,8 @@ def manifest(folder: Path, card: str | None) -> list[FileEntry]:
 
 
 def _refuse_token_in_files(files: list[FileEntry], token: str) -> None:
+    if len(token) < MIN_TOKEN_LEN:
+        return
     for f in files:
         if fnmatch.fnmatch(f.path, "*.safetensors") or f.size > SCAN_LIMIT:
             continue
@@ -266,8 +269,9 @@ def _retrying(what: str, fn: Callable[[], Any], *, retries: int, backoff: float,
             if attempt >= retries or not _transient(e):
                 raise
             wait = min(MAX_BACKOFF_S, backoff * 2**attempt)
-            why = _status(e) or type(_network(e)).__name__
-            log(_scrub(f"{what}: Hub answered {why}; retrying in {wait:g} s (attempt {attempt + 2} of {retries + 1})", token))
+            status = _status(e)
+            why = f"the Hub answered {status}" if status else f"connection failed ({type(_network(e)).__name__})"
+            log(_scrub(f"{what}: {why}; retrying in {wait:g} s (attempt {attempt + 2} of {retries + 1})", token))
             time.sleep(wait)
     raise AssertionError("unreachable")
 
@@ -287,7 +291,7 @@ def push(
     force: bool = False,
     endpoint: str | None = None,
     retries: int = RETRIES,
-    backoff: float = BACKOFF_S,
+    backoff: float | None = None,
     log: Callable[[str], None] | None = None,
 ) -> PushResult:
     """Push a finished output folder to `repo` in one commit; see the module docstring.
@@ -298,6 +302,8 @@ def push(
     from weightx.card import refresh_card
 
     log = log or (lambda _msg: None)
+    if backoff is None:
+        backoff = float(os.environ.get("WEIGHTX_PUSH_BACKOFF") or BACKOFF_S)
     folder = Path(path)
     record = read_record(folder)
     spec = (record.get("recipe") or {}).get("push") or {}

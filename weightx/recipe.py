@@ -16,6 +16,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    PrivateAttr,
     Tag,
     ValidationError,
     field_validator,
@@ -117,14 +118,49 @@ class OutputSpec(_Strict):
 
 
 class ValidateSpec(_Strict):
-    tasks: list[str]
+    tasks: list[str] = Field(min_length=1)
     limit: int | float | None = None
     compare: list[str] = Field(default_factory=list)
-    require: dict[str, str] = Field(default_factory=dict)
+    require: dict[str, str | float] = Field(default_factory=dict)
     batch_size: int | str = 1
     num_fewshot: int | None = None
     device: str | None = None
-    select: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # evaluation dtype; auto: fp32 on CPU
+    select: str | None = None  # a sweep's winner: "[max|min] task/metric"
+
+    @field_validator("require")
+    @classmethod
+    def _gates(cls, v: dict[str, str | float]) -> dict[str, str | float]:
+        from weightx.validate.gates import parse_gate
+
+        problems = []
+        for key, expr in v.items():
+            try:
+                parse_gate(key, expr)
+            except ValueError as e:
+                problems.append(f"{key}: {e}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return v
+
+    @field_validator("select")
+    @classmethod
+    def _select(cls, v: str | None) -> str | None:
+        from weightx.validate.gates import parse_select
+
+        if v is not None:
+            parse_select(v)
+        return v
+
+    @model_validator(mode="after")
+    def _gate_refs(self) -> "ValidateSpec":
+        from weightx.validate.gates import parse_gate
+
+        for key, expr in self.require.items():
+            ref = parse_gate(key, expr).ref
+            if ref is not None and ref not in self.compare:
+                raise ValueError(f"require.{key} compares with '{ref}', which is not in compare; add it to validate.compare")
+        return self
 
 
 class PushSpec(_Strict):
@@ -147,6 +183,12 @@ class Recipe(_Strict):
     push: PushSpec | None = None
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    _sweep: Any = PrivateAttr(default=None)  # weightx.validate.sweep.Sweep when a parameter is a list
+
+    @property
+    def sweep(self) -> Any:
+        """The sweep (list-valued parameters) this recipe stands for, or None; fields hold the first candidate."""
+        return self._sweep
 
     @field_validator("combine", mode="before")
     @classmethod
@@ -176,6 +218,12 @@ class Recipe(_Strict):
             for d in self.deltas
         ]
         data["combine"] = self.combine.recipe_form()
+        if self._sweep is not None:  # put the swept lists back where the recipe had them
+            for p in self._sweep.params:
+                node: Any = data
+                for key in p.label.split(".")[:-1]:
+                    node = node[int(key)] if isinstance(node, list) else node[key]
+                node[p.label.split(".")[-1]] = list(p.values)
         return data
 
 
@@ -235,13 +283,19 @@ def _messages(err: ValidationError) -> list[tuple[str, str]]:
                 where, _, msg = line.partition(": ")
                 problems.append((where, msg))
         else:
-            problems.append((loc, e["msg"]))
+            problems.append((loc, e["msg"].removeprefix("Value error, ")))
     return problems
 
 
-def validate_recipe(data: Any, source: str = "recipe") -> Recipe:
+def validate_recipe(data: Any, source: str = "recipe", *, sweep: bool = True) -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(source, [("", "a recipe is a YAML mapping with models, base, deltas and output")])
+    if sweep:
+        from weightx.validate.sweep import find_params
+
+        params = find_params(data)
+        if params:
+            return _validate_sweep(data, params, source)
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
@@ -251,6 +305,37 @@ def validate_recipe(data: Any, source: str = "recipe") -> Recipe:
         seen = set(problems)
         problems += [p for p in reference_problems(data) if p not in seen]
         raise RecipeError(source, problems) from None
+
+
+def _validate_sweep(data: dict, params: list, source: str) -> Recipe:
+    """A recipe with list-valued parameters: every candidate must be a valid scalar recipe.
+
+    The first candidate is checked whole; every other value of each list is checked on its own, and
+    its problems are reported at `<param>.<index>` so all problems still come out in one go.
+    """
+    from weightx.validate.sweep import Sweep, substitute, sweep_problems
+
+    firsts = tuple(p.values[0] for p in params)
+    problems: list[tuple[str, str]] = []
+    recipe = None
+    try:
+        recipe = validate_recipe(substitute(data, params, firsts), source, sweep=False)
+    except RecipeError as e:
+        for loc, msg in e.problems:
+            hit = next((p for p in params if loc == p.label), None)
+            problems.append((f"{loc}.0" if hit else loc, msg))
+    for i, p in enumerate(params):
+        for k, value in enumerate(p.values[1:], start=1):
+            values = firsts[:i] + (value,) + firsts[i + 1:]
+            try:
+                validate_recipe(substitute(data, params, values), source, sweep=False)
+            except RecipeError as e:
+                problems += [(f"{p.label}.{k}", msg) for loc, msg in e.problems if loc == p.label]
+    problems += [q for q in sweep_problems(data, params) if q not in problems]
+    if problems or recipe is None:
+        raise RecipeError(source, list(dict.fromkeys(problems)))
+    recipe._sweep = Sweep(params, data, source)
+    return recipe
 
 
 class _BoundedLoader(yaml.SafeLoader):

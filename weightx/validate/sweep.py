@@ -1,0 +1,299 @@
+"""Choosing an edit's strength by evaluation: a parameter given as a list is a sweep.
+
+    deltas:
+      - model: dpo
+        edits: [{expo: {alpha: [0.1, 0.3, 0.5]}}]
+    validate: {tasks: [weightx_mc], select: weightx_mc/acc}
+
+Every numeric list in an edit's parameters, a delta's `weight` or the combine's parameters is swept
+(several lists: every combination). Each candidate is a plain scalar recipe. They are evaluated in
+memory: the model is loaded once, and for each candidate every computed tensor is set to exactly
+what `apply` would write (the engine's own `TensorComputer`, rounded to the output dtype), so the
+winner, written afterwards by a normal apply, has the weights that were evaluated, bit for bit.
+No checkpoint is written per candidate.
+
+The description half of this module (finding lists, substituting candidates) is pure Python so the
+recipe loader can use it; torch and lm-eval are imported only when a sweep runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from weightx.plan import Plan
+    from weightx.recipe import Recipe
+    from weightx.validate.runner import EvalSettings
+    from weightx.validate.tasks import LoadedTasks
+
+MAX_CANDIDATES = 64
+
+
+def _numeric_list(v: Any) -> bool:
+    # Any list of scalars counts (so `alpha: [0.1, "x"]` gets a located per-value error); only
+    # include/exclude take lists of their own, and they are skipped by name.
+    return isinstance(v, list) and len(v) > 0 and all(isinstance(x, (int, float, str)) for x in v)
+
+
+@dataclass(frozen=True)
+class SweepParam:
+    raw_path: tuple  # where the list sits in the recipe data as written
+    label: str  # canonical location, e.g. deltas.0.edits.0.expo.alpha
+    values: tuple
+
+    @property
+    def short(self) -> str:
+        """A column title: `expo.alpha`, `weight`, `ties.density` (with the delta index when ambiguous)."""
+        parts = self.label.split(".")
+        return ".".join(parts[-2:]) if parts[0] == "deltas" and len(parts) > 3 else parts[-1] if parts[0] == "deltas" else self.label
+
+
+def _op_params(node: Any) -> tuple[str, dict, tuple] | None:
+    """(op, params, path-to-params) for an edit/combine node written as {op: {..}} or {op: x, ..}."""
+    if isinstance(node, dict) and len(node) == 1 and "op" not in node:
+        (op, params), = node.items()
+        if isinstance(params, dict):
+            return str(op), params, (op,)
+    if isinstance(node, dict) and "op" in node:
+        return str(node["op"]), node, ()
+    return None
+
+
+def find_params(data: dict) -> list[SweepParam]:
+    """Every swept parameter in raw recipe data, in recipe order."""
+    found: list[SweepParam] = []
+    deltas = data.get("deltas")
+    for i, d in enumerate(deltas if isinstance(deltas, list) else []):
+        if not isinstance(d, dict):
+            continue
+        if _numeric_list(d.get("weight")):
+            found.append(SweepParam(("deltas", i, "weight"), f"deltas.{i}.weight", tuple(d["weight"])))
+        edits = d.get("edits")
+        for j, e in enumerate(edits if isinstance(edits, list) else []):
+            got = _op_params(e)
+            if got is None:
+                continue
+            op, params, sub = got
+            for k, v in params.items():
+                if k not in ("op", "include", "exclude") and _numeric_list(v):
+                    found.append(SweepParam(("deltas", i, "edits", j, *sub, k), f"deltas.{i}.edits.{j}.{op}.{k}", tuple(v)))
+    got = _op_params(data.get("combine"))
+    if got is not None:
+        op, params, sub = got
+        for k, v in params.items():
+            if k != "op" and _numeric_list(v):
+                found.append(SweepParam(("combine", *sub, k), f"combine.{op}.{k}", tuple(v)))
+    return found
+
+
+def substitute(data: dict, params: list[SweepParam], values: tuple) -> dict:
+    """A deep copy of `data` with each swept list replaced by one value."""
+    out = copy.deepcopy(data)
+    for p, v in zip(params, values):
+        node: Any = out
+        for key in p.raw_path[:-1]:
+            node = node[key]
+        node[p.raw_path[-1]] = v
+    return out
+
+
+@dataclass
+class Sweep:
+    """The swept parameters of a recipe and the raw data they came from (after --set overrides)."""
+
+    params: list[SweepParam]
+    data: dict
+    source: str = "recipe"
+
+    def grid(self) -> list[tuple]:
+        return list(itertools.product(*(p.values for p in self.params)))
+
+    def candidates(self) -> list[tuple[dict[str, float], "Recipe"]]:
+        from weightx.recipe import validate_recipe
+
+        out = []
+        for values in self.grid():
+            r = validate_recipe(substitute(self.data, self.params, values), self.source, sweep=False)
+            out.append(({p.label: v for p, v in zip(self.params, values)}, r))
+        return out
+
+    def describe(self) -> str:
+        n = len(self.grid())
+        what = ", ".join(f"{p.label} in {list(p.values)}" for p in self.params)
+        return f"sweep: {n} candidate(s) over {what}"
+
+
+def sweep_problems(data: dict, params: list[SweepParam]) -> list[tuple[str, str]]:
+    """Checks that only make sense for a sweep (the per-value checks are the recipe's own)."""
+    problems = []
+    n = 1
+    for p in params:
+        n *= len(p.values)
+    if n > MAX_CANDIDATES:
+        problems.append((params[0].label, f"the sweep has {n} candidates (at most {MAX_CANDIDATES}); use fewer values"))
+    v = data.get("validate")
+    what = ", ".join(p.label for p in params)
+    if not isinstance(v, dict):
+        problems.append(("validate", f"{what} is a list, i.e. a sweep: add a validate block with tasks and select: task/metric to choose the winner"))
+    elif not v.get("select"):
+        problems.append(("validate.select", f"{what} is a list, i.e. a sweep: say which metric picks the winner, e.g. select: weightx_mc/acc"))
+    return problems
+
+
+# ----------------------------------------------------------------------------------- running
+
+
+@dataclass
+class Candidate:
+    values: dict[str, float]
+    recipe: "Recipe"
+    results: dict[str, dict[str, dict]] = field(default_factory=dict)
+    higher_is_better: dict[str, dict[str, bool]] = field(default_factory=dict)
+    score: float | None = None
+    stderr: float | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class SweepOutcome:
+    sweep: Sweep
+    select: str
+    direction: str
+    candidates: list[Candidate]
+    winner: int
+    seconds: float = 0.0
+
+    @property
+    def best(self) -> Candidate:
+        return self.candidates[self.winner]
+
+    def as_record(self) -> dict:
+        return {
+            "select": self.select,
+            "direction": self.direction,
+            "parameters": {p.label: list(p.values) for p in self.sweep.params},
+            "candidates": [{"values": c.values, "score": c.score, "stderr": c.stderr, "seconds": round(c.seconds, 3),
+                            "results": c.results} for c in self.candidates],
+            "winner": self.winner,
+            "winner_values": self.best.values,
+            "in_memory": True,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def set_weights(model: Any, plan: "Plan", device: Any) -> None:
+    """Overwrite every computed tensor of `model` with what `apply` would write for `plan`.
+
+    The values come from the engine's TensorComputer (fp32 math, one rounding to the output dtype),
+    then are cast to the model's dtype, exactly as a model loaded from the written checkpoint is.
+    """
+    import torch
+
+    from weightx.engine import Inputs, TensorComputer
+    from weightx.errors import InputError
+
+    state = model.state_dict()  # shares storage with the parameters
+    inputs = Inputs()
+    computer = TensorComputer(plan, inputs, device)
+    try:
+        with torch.no_grad():
+            for t in plan.tensors:
+                if not t.edit:
+                    continue  # copied from config_from, which is what the model was loaded from
+                target = state.get(t.name)
+                if target is None or tuple(target.shape) != tuple(t.shape):
+                    raise InputError(
+                        f"in-memory sweep: checkpoint tensor {t.name!r} has no parameter of that name and shape in the"
+                        f" transformers model loaded from '{plan.recipe.config_from}'; sweep by separate runs instead"
+                        " (one apply per value with --set)"
+                    )
+                blocks = list(computer.blocks(t))
+                flat = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+                target.copy_(flat.view(target.shape))
+    finally:
+        inputs.close()
+
+
+def _score(results: dict, higher: dict, select: Any) -> tuple[float | None, float | None, bool | None]:
+    from weightx.validate.gates import lookup
+
+    entry = lookup(results, select.task, select.metric)
+    if entry is None:
+        return None, None, None
+    name = select.metric.split(",")[0]
+    return entry["value"], entry.get("stderr"), higher.get(select.task, {}).get(name)
+
+
+def run_sweep(
+    recipe: "Recipe",
+    *,
+    output: str | Path | None = None,
+    recipe_dir: Path | None = None,
+    device: str = "auto",
+    tasks: "LoadedTasks | None" = None,
+    settings: "EvalSettings | None" = None,
+    log: Callable[[str], None] = lambda m: None,
+) -> SweepOutcome:
+    """Evaluate every candidate of `recipe`'s sweep in memory and pick the winner by `validate.select`."""
+    import torch
+
+    from weightx.engine import pick_device
+    from weightx.errors import UsageError
+    from weightx.plan import build_plan
+    from weightx.safetensors_io import DTYPES
+    from weightx.validate.gates import parse_select
+    from weightx.validate.runner import evaluate, settings_for, summarize, torch_dtype
+    from weightx.validate.tasks import load_tasks, resolve_tasks
+
+    t0 = time.perf_counter()
+    sweep = recipe.sweep
+    spec = recipe.validate_
+    if sweep is None or spec is None or not spec.select:
+        raise UsageError("not a sweep: give an edit parameter as a list and validate.select")
+    select = parse_select(spec.select)
+    settings = settings or settings_for(spec, device)
+    if tasks is None:
+        tasks = load_tasks(resolve_tasks(spec.tasks, recipe_dir))
+    candidates = [Candidate(v, r) for v, r in sweep.candidates()]
+    plans = [build_plan(c.recipe, output, recipe_dir) for c in candidates]  # headers only: all problems first
+    first = plans[0]
+    if not first.config_source.has_config:
+        raise UsageError(f"a sweep evaluates the model in memory and needs config.json in '{first.recipe.config_from}' ({first.config_source.describe()})")
+    out_dtypes = {t.out_dtype for t in first.tensors if t.edit}
+    stored = DTYPES[next(iter(out_dtypes))] if len(out_dtypes) == 1 else None
+    # The model is loaded once, from config_from (which supplies the tensors apply copies unchanged)
+    # and in the dtype the written output would be evaluated in.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    eval_dtype = torch_dtype(settings, stored)
+    model = AutoModelForCausalLM.from_pretrained(first.config_source.root, dtype=eval_dtype)
+    model = model.to(pick_device(settings.device or "auto")).eval()
+    tokenizer = AutoTokenizer.from_pretrained(first.config_source.root)
+    compute = pick_device(device)
+    directions = set()
+    for i, (cand, plan) in enumerate(zip(candidates, plans)):
+        t1 = time.perf_counter()
+        set_weights(model, plan, compute)
+        cand.results, cand.higher_is_better = summarize(evaluate(model, tokenizer, tasks, settings))
+        cand.score, cand.stderr, hib = _score(cand.results, cand.higher_is_better, select)
+        if cand.score is None:
+            from weightx.validate.gates import available
+
+            raise UsageError(f"validate.select: {select.key} was not measured ({available(cand.results, select.task)})")
+        directions.add(select.direction or ("max" if hib in (True, None) else "min"))
+        cand.seconds = time.perf_counter() - t1
+        values = ", ".join(f"{k.split('.')[-1]}={v:g}" for k, v in cand.values.items())
+        log(f"sweep {i + 1}/{len(candidates)}: {values}: {select.key} = {cand.score:.4g} ({cand.seconds:.1f} s)")
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    direction = directions.pop()
+    pick = max if direction == "max" else min
+    # Ties go to the first candidate in the order given.
+    winner = pick(range(len(candidates)), key=lambda i: (candidates[i].score, -i if direction == "max" else i))
+    return SweepOutcome(sweep, select.key, direction, candidates, winner, time.perf_counter() - t0)

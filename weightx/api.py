@@ -111,14 +111,32 @@ def apply(
     overwrite: bool = False,
     progress: bool | None = False,
     push: bool = True,
+    validate: bool = True,
 ) -> ApplyResult:
     """Run a recipe (object, YAML path or dict) and return where the output went and its stats.
 
+    With a `validate:` block the output is then evaluated (`validate=False` skips it; a list-valued
+    parameter is a sweep, evaluated in memory before only the winner is written); `result.extra`
+    gets "validation" (and "sweep"), and a failed gate raises `GateFailed` with the output kept.
     With a `push:` block the output is then published to the Hub (`push=False` skips it)."""
     recipe_dir = Path(recipe).parent if isinstance(recipe, (str, Path)) else None
     r = load_recipe(recipe, overrides)
+    sweep = tasks = None
+    if r.sweep is not None:
+        from weightx.validate.report import run_recipe_sweep
+
+        r, sweep, tasks = run_recipe_sweep(r, output=output, recipe_dir=recipe_dir, device=device, validate=validate)
     plan = build_plan(r, output, recipe_dir)
     result = execute(plan, device=device, overwrite=overwrite, progress=progress)
+    if validate and r.validate_ is not None:
+        from weightx.validate.report import GateFailed, validate_output
+
+        v = validate_output(plan, path=result.path, recipe_dir=recipe_dir, device=device, sweep=sweep, tasks=tasks)
+        result.extra["validation"] = v.as_record()
+        if sweep is not None:
+            result.extra["sweep"] = sweep.as_record()
+        if not v.passed:
+            raise GateFailed(v, result.path)
     if push and r.push is not None:  # keep last: publish only after apply (and validation) succeeded
         from weightx.publish import push_spec
 

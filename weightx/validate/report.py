@@ -1,0 +1,212 @@
+"""Validate a finished output (and the compared inputs), check the gates, record it all.
+
+The record goes into the output's `weightx.json` under `validation` (and `sweep`), with the schema
+
+    validation.results[label][task][metric] = {"value": x, "stderr": y}      # label: "output" or an alias
+    validation.passed = all gates passed (true when there are none)
+
+and the model card is re-rendered from it. weightx.json is rewritten atomically (temp file +
+os.replace), so the folder always holds a complete record; a failed gate leaves the output on disk
+with `validation.passed: false`, which `weightx push` refuses to publish.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from weightx.errors import InputError, WeightxError
+from weightx.validate.gates import GateResult, check, parse_gate
+from weightx.validate.runner import EvalSettings
+
+if TYPE_CHECKING:
+    from weightx.plan import Plan
+    from weightx.validate.sweep import SweepOutcome
+    from weightx.validate.tasks import LoadedTasks
+
+
+class GateFailed(WeightxError):
+    """A `require` gate did not hold; the output is kept, marked `validation.passed: false`."""
+
+    exit_code = 1
+
+    def __init__(self, validation: "Validation", path: Path | None = None):
+        self.validation = validation
+        failed = "; ".join(g.message(validation.output_label) for g in validation.gates if not g.passed)
+        where = f"; {path} is kept but marked validation.passed=false in weightx.json, so it will not be pushed" if path else ""
+        super().__init__(f"validation failed: {failed}{where}")
+
+
+@dataclass
+class Validation:
+    tasks: list[str]
+    settings: EvalSettings
+    order: list[str]  # task rows
+    labels: list[str]  # columns: compared inputs, then the output
+    models: dict[str, str]  # label -> where it was read from
+    results: dict[str, dict[str, dict[str, dict]]] = field(default_factory=dict)
+    higher_is_better: dict[str, dict[str, bool]] = field(default_factory=dict)
+    gates: list[GateResult] = field(default_factory=list)
+    device: str = "cpu"
+    dtype: str = "float32"
+    output_label: str = "output"
+    reused: bool = False  # output results taken from the sweep's in-memory evaluation
+    seconds: float = 0.0
+    lm_eval_version: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return all(g.passed for g in self.gates)
+
+    def as_record(self) -> dict:
+        return {
+            "passed": self.passed,
+            "tasks": self.tasks,
+            "settings": {**self.settings.as_dict(), "device": self.device, "dtype": self.dtype},
+            "models": self.models,
+            "results": self.results,
+            "higher_is_better": self.higher_is_better,
+            "gates": [g.as_dict() for g in self.gates],
+            "output_from_sweep": self.reused,
+            "lm_eval_version": self.lm_eval_version,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def _lm_eval_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lm-eval")
+    except PackageNotFoundError:  # pragma: no cover
+        return "?"
+
+
+def evaluate_models(
+    models: dict[str, Path],
+    tasks: "LoadedTasks",
+    settings: EvalSettings,
+    *,
+    task_names: list[str],
+    preset: dict[str, tuple[dict, dict]] | None = None,
+    output_label: str = "output",
+    log: Callable[[str], None] = lambda m: None,
+) -> Validation:
+    """Evaluate each model folder (label -> path); `preset` supplies results already measured."""
+    import torch
+
+    from weightx.validate.runner import evaluate, load_model, stored_dtype, summarize, task_order, torch_device, torch_dtype
+
+    t0 = time.perf_counter()
+    v = Validation(task_names, settings, task_order(tasks), list(models), {k: str(p) for k, p in models.items()},
+                   output_label=output_label, lm_eval_version=_lm_eval_version())
+    v.device = str(torch_device(settings))
+    main = Path(models.get(output_label) or next(iter(models.values())))
+    v.dtype = str(torch_dtype(settings, stored_dtype(main))).removeprefix("torch.")
+    for label, path in models.items():
+        if preset and label in preset:
+            v.results[label], hib = preset[label]
+            v.reused = True
+        else:
+            t1 = time.perf_counter()
+            model, tokenizer = load_model(path, settings)
+            v.results[label], hib = summarize(evaluate(model, tokenizer, tasks, settings))
+            del model
+            log(f"evaluated {label} ({time.perf_counter() - t1:.1f} s)")
+        for task, flags in hib.items():
+            v.higher_is_better.setdefault(task, {}).update(flags)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    v.seconds = time.perf_counter() - t0
+    return v
+
+
+def compare_paths(aliases: list[str], recipe: Any, recipe_dir: Path | None) -> dict[str, Path]:
+    """The folders of the compared inputs (resolved like any model source)."""
+    from weightx.sources import resolve
+
+    out = {}
+    for alias in aliases:
+        src = resolve(alias, recipe.models[alias], recipe_dir)
+        if src.kind == "file" or not src.has_config:
+            raise InputError(f"validate.compare: '{alias}' ({src.describe()}) has no config.json next to its weights, so lm-eval cannot load it; compare a full model folder")
+        out[alias] = src.root
+    return out
+
+
+def write_record(folder: Path, validation: Validation, sweep: "SweepOutcome | None" = None) -> dict:
+    """Add the validation (and sweep) to `folder/weightx.json` atomically, then refresh the card."""
+    path = folder / "weightx.json"
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    doc["validation"] = validation.as_record()
+    if sweep is not None:
+        doc["sweep"] = sweep.as_record()
+    tmp = folder / f".weightx.json.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    try:
+        from weightx.card import refresh_card
+
+        refresh_card(folder)
+    except (ImportError, OSError, ValueError):  # the card is a convenience; weightx.json is the record
+        pass
+    return doc
+
+
+def validate_output(
+    plan: "Plan",
+    *,
+    path: Path | None = None,
+    recipe_dir: Path | None = None,
+    device: str = "auto",
+    sweep: "SweepOutcome | None" = None,
+    tasks: "LoadedTasks | None" = None,
+    log: Callable[[str], None] = lambda m: None,
+) -> Validation:
+    """Run the recipe's validate block on the written output; record it; return it (check `.passed`)."""
+    from weightx.validate.runner import settings_for
+    from weightx.validate.tasks import load_tasks, resolve_tasks
+
+    spec = plan.recipe.validate_
+    if spec is None:
+        raise ValueError("the recipe has no validate block")
+    out = Path(path or plan.out_path)
+    settings = settings_for(spec, device)
+    tasks = tasks or load_tasks(resolve_tasks(spec.tasks, recipe_dir))
+    models = {**compare_paths(spec.compare, plan.recipe, recipe_dir), "output": out}
+    preset = {"output": (sweep.best.results, sweep.best.higher_is_better)} if sweep is not None else None
+    v = evaluate_models(models, tasks, settings, task_names=list(spec.tasks), preset=preset, log=log)
+    v.gates = check([parse_gate(k, e) for k, e in spec.require.items()], v.results)
+    write_record(out, v, sweep)
+    return v
+
+
+def run_recipe_sweep(
+    recipe: Any,
+    *,
+    output: str | Path | None = None,
+    recipe_dir: Path | None = None,
+    device: str = "auto",
+    validate: bool = True,
+    log: Callable[[str], None] = lambda m: None,
+) -> tuple[Any, "SweepOutcome", "LoadedTasks"]:
+    """Evaluate a recipe's sweep in memory; return (the winner's scalar recipe, the outcome, the tasks)."""
+    from weightx.errors import UsageError
+    from weightx.validate.sweep import run_sweep
+    from weightx.validate.tasks import load_tasks, resolve_tasks
+
+    if not validate:
+        p = recipe.sweep.params[0]
+        raise UsageError(f"{recipe.sweep.describe()}; picking the winner needs evaluation: drop --no-validate,"
+                         f" or run one value (e.g. --set {p.label}={p.values[0]})")
+    tasks = load_tasks(resolve_tasks(recipe.validate_.tasks, recipe_dir))
+    outcome = run_sweep(recipe, output=output, recipe_dir=recipe_dir, device=device, tasks=tasks, log=log)
+    return outcome.best.recipe, outcome, tasks

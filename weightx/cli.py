@@ -52,10 +52,28 @@ def apply(recipe: str, output: str | None, device: str, overrides: tuple[str, ..
     r = load_recipe(recipe, overrides)
     plan = build_plan(r, output, Path(recipe).parent)
     if dry_run:
-        click.echo(render_plan(plan))
+        click.echo(render_plan(plan) + (f"\n{r.sweep.describe()}" if r.sweep is not None else ""))
         return
+    sweep = tasks = None
+    if r.sweep is not None:  # evaluate every candidate in memory; only the winner is written
+        from weightx.validate.report import run_recipe_sweep
+        from weightx.validate.table import render_sweep
+
+        r, sweep, tasks = run_recipe_sweep(r, output=output, recipe_dir=Path(recipe).parent, device=device,
+                                           validate=not no_validate, log=lambda m: click.echo(m, err=True))
+        click.echo(render_sweep(sweep))
+        plan = build_plan(r, output, Path(recipe).parent)
     result = execute(plan, device=device, overwrite=overwrite, progress=progress)
     click.echo(f"wrote {result.path} ({human_bytes(result.total_size)} in {len(result.shards)} shard(s), {result.seconds:.1f} s)")
+    if r.validate_ is not None and not no_validate:
+        from weightx.validate.report import GateFailed, validate_output
+        from weightx.validate.table import render_validation
+
+        v = validate_output(plan, path=result.path, recipe_dir=Path(recipe).parent, device=device, sweep=sweep,
+                            tasks=tasks, log=lambda m: click.echo(m, err=True))
+        click.echo(render_validation(v))
+        if not v.passed:
+            raise GateFailed(v, result.path)
     if r.push is not None and not no_push:  # keep last: publish only after apply (and validation) succeeded
         from weightx.publish import push_spec, render_push
 
@@ -73,7 +91,8 @@ def plan(recipe: str, output: str | None, overrides: tuple[str, ...]) -> None:
     from weightx.plan import build_plan, render_plan
     from weightx.recipe import load_recipe
 
-    click.echo(render_plan(build_plan(load_recipe(recipe, overrides), output, Path(recipe).parent)))
+    r = load_recipe(recipe, overrides)
+    click.echo(render_plan(build_plan(r, output, Path(recipe).parent)) + (f"\n{r.sweep.describe()}" if r.sweep is not None else ""))
 
 
 @main.command()
@@ -105,6 +124,39 @@ def push(path: str, repo: str | None, private: bool, revision: str | None, commi
     result = push_folder(path, repo=repo, private=private, revision=revision, commit_message=commit_message,
                          token=token, dry_run=dry_run, force=force, log=lambda m: click.echo(m, err=True))
     click.echo(render_dry_run(result) if dry_run else render_push(result))
+
+
+@main.command("eval")
+@click.argument("path")
+@click.option("--tasks", "-t", "tasks", multiple=True, required=True,
+              help="lm-eval task names, bundled offline tasks (weightx_smoke, weightx_mc, weightx_gen, weightx_ppl) or task YAML/folder paths; repeatable or comma-separated.")
+@click.option("--limit", type=float, help="At most this many examples per task (a fraction if < 1).")
+@click.option("--batch-size", default="1", show_default=True, help="An integer or auto.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--num-fewshot", type=int, help="Few-shot examples per prompt (default: each task's own).")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
+              help="Evaluation dtype; auto is float32 on CPU and the stored dtype on GPU.")
+@click.option("--compare", "compare", multiple=True, metavar="PATH", help="Evaluate these models too, side by side; repeatable.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results (weightx.json's validation schema) here.")
+def eval_(path: str, tasks: tuple[str, ...], limit: float | None, batch_size: str, device: str, num_fewshot: int | None,
+          dtype: str, compare: tuple[str, ...], json_path: str | None) -> None:
+    """Evaluate the checkpoint at PATH (a folder or Hub id) with lm-eval; same table as a recipe's validate block."""
+    import json
+
+    from weightx.validate.report import evaluate_paths
+    from weightx.validate.runner import EvalSettings
+    from weightx.validate.table import render_validation
+
+    names = [t.strip() for item in tasks for t in item.split(",") if t.strip()]
+    n = int(limit) if limit is not None and limit >= 1 and limit == int(limit) else limit
+    settings = EvalSettings(limit=n, batch_size=int(batch_size) if batch_size.isdigit() else batch_size,
+                            num_fewshot=num_fewshot, device=None if device == "auto" else device, dtype=dtype)
+    v = evaluate_paths(path, compare=list(compare), tasks=names, settings=settings, log=lambda m: click.echo(m, err=True))
+    click.echo(render_validation(v))
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as f:
+            json.dump(v.as_record(), f, indent=2)
+            f.write("\n")
 
 
 if __name__ == "__main__":

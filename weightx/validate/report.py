@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from weightx.errors import InputError, WeightxError
+from weightx.errors import InputError, UsageError, WeightxError
 from weightx.validate.gates import GateResult, check, parse_gate
 from weightx.validate.runner import EvalSettings
 
@@ -210,3 +210,37 @@ def run_recipe_sweep(
     tasks = load_tasks(resolve_tasks(recipe.validate_.tasks, recipe_dir))
     outcome = run_sweep(recipe, output=output, recipe_dir=recipe_dir, device=device, tasks=tasks, log=log)
     return outcome.best.recipe, outcome, tasks
+
+
+def _model_dir(spec: str, what: str) -> Path:
+    from weightx.sources import resolve
+
+    src = resolve(what, spec)
+    if src.kind == "file" or not src.has_config:
+        raise InputError(f"{spec}: lm-eval needs a model folder with config.json and a tokenizer, not just weights")
+    return src.root
+
+
+def evaluate_paths(
+    path: str,
+    *,
+    compare: list[str],
+    tasks: list[str],
+    settings: EvalSettings,
+    log: Callable[[str], None] = lambda m: None,
+) -> Validation:
+    """`weightx eval`: evaluate a checkpoint (and others side by side); columns are named after the folders."""
+    from weightx.validate.tasks import load_tasks, resolve_tasks
+
+    if not tasks:
+        raise UsageError("--tasks is empty; name at least one task, e.g. --tasks weightx_smoke")
+    loaded = load_tasks(resolve_tasks(tasks, Path.cwd()))
+    models: dict[str, Path] = {}
+    for spec in [*compare, path]:
+        root = _model_dir(spec, "eval")
+        label = base = root.name
+        k = 2
+        while label in models:
+            label, k = f"{base}#{k}", k + 1
+        models[label] = root
+    return evaluate_models(models, loaded, settings, task_names=tasks, output_label=label, log=log)

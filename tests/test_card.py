@@ -162,6 +162,17 @@ def test_validation_becomes_model_index_and_a_table():
     assert "Validation **FAILED**" in render_record(expo_record(validation=validation(False)))
 
 
+def test_validation_as_recorded_by_weightx_validate():
+    v = validation(False)
+    v.update({"settings": {"limit": 50, "num_fewshot": 0, "batch_size": 1}, "lm_eval_version": "0.4.13",
+              "gates": [{"gate": "arc_easy/acc", "condition": ">= dpo + 0.05", "passed": False, "value": 0.7512,
+                         "threshold": 0.7901, "reference": "dpo", "reference_value": 0.7401}]})
+    text = render_record(expo_record(validation=v))
+    assert "Validation **FAILED** (lm-eval 0.4.13, limit 50 per task, 0-shot)." in text
+    assert "- `arc_easy/acc >= dpo + 0.05` failed: 0.7512 vs 0.7901" in text
+    assert all(r.dataset_args == {"limit": 50, "num_fewshot": 0} for r in ModelCard(text).data.eval_results)
+
+
 def test_unknown_method_falls_back_to_recorded_params():
     rec = expo_record()
     rec["recipe"]["deltas"][0]["edits"] = [{"frobnicate": {"level": 3}}]

@@ -191,13 +191,20 @@ def _validation(record: dict) -> dict:
     return v if isinstance(v, dict) else {}
 
 
+def _settings(record: dict) -> dict:
+    """Evaluation settings as run (validation.settings), else as asked (the recipe's validate block)."""
+    s = _validation(record).get("settings")
+    return s if isinstance(s, dict) else (record.get("recipe") or {}).get("validate") or {}
+
+
 def eval_results(record: dict) -> list:
     """The output's validation results as huggingface_hub EvalResults (the card's model-index)."""
     from huggingface_hub import EvalResult
 
     results = (_validation(record).get("results") or {}).get("output") or {}
-    vspec = (record.get("recipe") or {}).get("validate") or {}
-    args = {k: vspec[k] for k in ("limit", "num_fewshot") if vspec.get(k) is not None} or None
+    settings = _settings(record)
+    # A limited run scores a subset of each task: say so next to every number.
+    args = {k: settings[k] for k in ("limit", "num_fewshot") if settings.get(k) is not None} or None
     out = []
     for task, metrics in sorted(results.items()):
         for metric, cell in sorted((metrics or {}).items()):
@@ -228,11 +235,22 @@ def validation_section(record: dict) -> list[str]:
     labels = ["output"] + sorted(k for k in results if k != "output")
     rows = sorted({(t, m) for lab in labels for t, ms in (results.get(lab) or {}).items() for m in (ms or {})})
     vspec = (record.get("recipe") or {}).get("validate") or {}
+    settings = _settings(record)
     passed = v.get("passed")
     status = {True: "**passed**", False: "**FAILED**"}.get(passed, "recorded")
-    lines = ["## Validation", "", f"Validation {status} (lm-eval" +
-             (f", limit {vspec['limit']} per task" if vspec.get("limit") is not None else "") + ")."]
-    if vspec.get("require"):
+    how = "lm-eval" + (f" {v['lm_eval_version']}" if v.get("lm_eval_version") else "")
+    how += f", limit {settings['limit']} per task" if settings.get("limit") is not None else ""
+    how += f", {settings['num_fewshot']}-shot" if settings.get("num_fewshot") is not None else ""
+    lines = ["## Validation", "", f"Validation {status} ({how})."]
+    gates = [g for g in v.get("gates") or [] if isinstance(g, dict)]
+    if gates:
+        lines.append("")
+        for g in gates:
+            verdict = "passed" if g.get("passed") else "failed"
+            val = _number(g.get("value"))
+            detail = f": {val:.4g} vs {_number(g.get('threshold')):.4g}" if val is not None and _number(g.get("threshold")) is not None else ""
+            lines.append(f"- `{g.get('gate', '?')} {g.get('condition', '')}` {verdict}{detail}" + (f" ({g['problem']})" if g.get("problem") else ""))
+    elif vspec.get("require"):
         lines += ["", "Requirements: " + "; ".join(f"`{k} {c}`" for k, c in vspec["require"].items())]
     lines += ["", "| task | metric | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
     for task, metric in rows:

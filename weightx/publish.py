@@ -69,6 +69,7 @@ class PushResult:
     deleted: list[str] = field(default_factory=list)
     card_updated: bool = False
     token_source: str | None = None
+    skipped: str | None = None  # why nothing was pushed (another torchrun rank publishes)
 
     @property
     def total_size(self) -> int:
@@ -383,6 +384,9 @@ def _description(record: dict) -> str:
 
 def push_spec(path: str | Path, spec: "PushSpec", *, log: Callable[[str], None] | None = None, **kwargs: Any) -> PushResult:
     """The recipe's `push:` block, run after a successful apply (and validation)."""
+    rank = os.environ.get("RANK", "0")
+    if rank != "0":  # under torchrun every rank finishes apply; rank 0 alone publishes
+        return PushResult(spec.repo, spec.revision or "main", spec.private, [], skipped=f"rank {rank}: the push is left to rank 0")
     try:
         return push(path, repo=spec.repo, private=spec.private, revision=spec.revision,
                     commit_message=spec.commit_message, log=log, **kwargs)
@@ -414,6 +418,8 @@ def render_dry_run(r: PushResult) -> str:
 
 
 def render_push(r: PushResult) -> str:
+    if r.skipped:
+        return r.skipped
     lines = [f"pushed {len(r.files)} file(s), {human(r.total_size)}, to {r.url or r.repo_id} (branch {r.revision})"]
     if r.deleted:
         lines.append(f"removed stale weight files: {', '.join(r.deleted)}")

@@ -259,6 +259,23 @@ def validation_section(record: dict) -> list[str]:
     return lines + [""]
 
 
+def sweep_section(record: dict) -> list[str]:
+    """The sweep that chose this output's parameters (weightx.json's `sweep`), one row per candidate."""
+    sw = record.get("sweep")
+    if not isinstance(sw, dict) or not sw.get("candidates"):
+        return []
+    params = list(sw.get("parameters") or {})
+    select = sw.get("select", "?")
+    lines = ["## Sweep", "", f"The parameters were chosen by evaluating each candidate in memory and keeping the "
+             f"{'highest' if sw.get('direction') == 'max' else 'lowest'} `{select}`; only the winner was written.", "",
+             "| " + " | ".join([*(f"`{p}`" for p in params), select, ""]) + " |", "|" + "---|" * (len(params) + 2)]
+    for i, c in enumerate(sw["candidates"]):
+        vals = [str((c.get("values") or {}).get(p, "")) for p in params]
+        cell = _cell({"value": c.get("score"), "stderr": c.get("stderr")})
+        lines.append("| " + " | ".join([*vals, cell, "**winner**" if i == sw.get("winner") else ""]) + " |")
+    return lines + [""]
+
+
 # ----------------------------------------------------------------------------------- rendering
 
 
@@ -369,6 +386,7 @@ def render_record(record: dict, *, repo_id: str | None = None) -> str:
         body.append("")
     body += _inputs_section(record)
     body += validation_section(record)
+    body += sweep_section(record)
     if is_delta(record):
         body += _delta_section(record, repo_id)
     body += ["## Recipe", "", "The recipe as run (defaults filled in):", "",

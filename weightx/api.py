@@ -63,6 +63,10 @@ def execute(plan: Plan, *, device: str = "auto", overwrite: bool = False, progre
     tmp = make_temp(plan.out_path, overwrite)
     update, close_bar = _progress_bar(plan.total_size, progress)
     try:
+        if any(getattr(e, "distill", None) is not None for d in plan.recipe.deltas for e in d.edits):
+            from weightx.distill import distill_plan  # BitDelta scale distillation, before any writing
+
+            distill_plan(plan, dev)
         stats = write_shards(plan, tmp, dev, update)
         close_bar()
         r = plan.recipe
@@ -70,7 +74,7 @@ def execute(plan: Plan, *, device: str = "auto", overwrite: bool = False, progre
         cfg_dtype = _dtype_name(next(iter(out_dtypes))) if len(out_dtypes) == 1 else None
         if plan.config_source.has_config:
             copy_config(plan.config_source.root, tmp, cfg_dtype)
-        weight_map = {t.name: s.filename for s in plan.shards for t in s.tensors}
+        weight_map = {o.name: s.filename for s in plan.shards for t in s.tensors for o in t.outs}
         write_json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": plan.total_size}, "weight_map": dict(sorted(weight_map.items()))})
         recipe_form = r.recipe_form()
         recipe_form.setdefault("output", {})["path"] = str(plan.out_path)
@@ -92,6 +96,9 @@ def execute(plan: Plan, *, device: str = "auto", overwrite: bool = False, progre
             "seconds": round(time.perf_counter() - t0, 3),
             "tensors": {k: v.as_dict() for k, v in stats.items()},
         }
+        from weightx.delta_artifact import finish_record  # artifact base check, delta encoding record, distill losses
+
+        finish_record(plan, doc, stats, hasher.result())
         (tmp / "README.md").write_text(render_card(plan, doc), encoding="utf-8")  # from the record: has the hashes
         write_json(tmp / "weightx.json", doc)  # last: its presence marks the folder complete
         finalize(tmp, plan.out_path)

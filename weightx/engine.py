@@ -40,9 +40,10 @@ class TensorStats:
     delta_norm: dict[str, float] = field(default_factory=dict)  # ‖θ_i − base‖ per input alias
     edited_norm: dict[str, float] = field(default_factory=dict)  # after that delta's edits (and before weight)
     combined_norm: float = 0.0  # ‖θ_out − base‖ before rounding
+    extra: dict = field(default_factory=dict)  # method-specific per-tensor facts (e.g. compression scale, error)
 
     def as_dict(self) -> dict:
-        return {"delta_norm": self.delta_norm, "edited_norm": self.edited_norm, "combined_norm": self.combined_norm}
+        return {"delta_norm": self.delta_norm, "edited_norm": self.edited_norm, "combined_norm": self.combined_norm, **self.extra}
 
 
 class Inputs:
@@ -89,9 +90,17 @@ class TensorComputer:
         # copy=True: a float32 input must never be modified in place through its mapping.
         return x.to(torch.float32, copy=True)
 
+    def _delta(self, src: Source, t: TensorPlan, start: int, count: int, base: torch.Tensor) -> torch.Tensor:
+        """θ_i − base. A delta artifact hands over its decoded delta directly: no (base + δ̂) − base round trip."""
+        if src.artifact is not None and src.artifact.is_compressed(t.name):
+            return src.artifact.decoded(t.name, start, count, base.device)
+        return self._load(src, t, start, count).sub_(base)
+
     def prefetch(self, t: TensorPlan) -> None:
         srcs = [self.plan.config_source] if not t.edit else [self.plan.base] + [s for _, s in self.plan.deltas]
         for src in srcs:
+            if src.artifact is not None and src.artifact.is_compressed(t.name):
+                continue
             mf, info = self.inputs.get(src, t.name)
             mf.prefetch(info, 0, info.numel)
 
@@ -113,7 +122,7 @@ class TensorComputer:
             base = self._load(self.plan.base, t, start, count)
             deltas = []
             for i, (_, src) in enumerate(self.plan.deltas):
-                d = self._load(src, t, start, count).sub_(base)
+                d = self._delta(src, t, start, count, base)
                 if not t.elementwise:
                     d = d.view(t.shape)
                 if stats is not None:
@@ -183,14 +192,20 @@ def write_shards(
     nxt = 1
     try:
         for shard in plan.shards:
-            sw = ShardWriter(folder / shard.filename, [t.out for t in shard.tensors])
+            sw = ShardWriter(folder / shard.filename, [o for t in shard.tensors for o in t.outs])
             open_writers.append(sw)
             for t in shard.tensors:
                 if nxt < len(order):
                     computer.prefetch(order[nxt])
                 nxt += 1
                 st = stats[t.name] = TensorStats() if t.edit else None
-                for out in computer.blocks(t, st):
+                if t.codec is not None:  # format: delta, a compressed tensor: write its parts
+                    from weightx.delta_artifact import compressed_parts
+
+                    blocks = compressed_parts(computer, t, st)
+                else:
+                    blocks = computer.blocks(t, st)
+                for out in blocks:
                     writer.put(sw, out)
             writer.put(sw, None)
         writer.q.put(None)

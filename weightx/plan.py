@@ -33,6 +33,9 @@ class TensorPlan:
     edit: bool  # False: copied unchanged from config_from (non-float tensors)
     edits: list[list[EditConfig]] = field(default_factory=list)  # per delta, the edits that apply
     elementwise: bool = True  # every edit and the combine work per element: safe to stream in blocks
+    # format: delta only: the compressing edit that encodes this tensor, and the parts it writes
+    codec: EditConfig | None = None
+    parts: list[OutTensor] | None = None
 
     @property
     def numel(self) -> int:
@@ -42,6 +45,11 @@ class TensorPlan:
     def out(self) -> OutTensor:
         return OutTensor(self.name, self.out_dtype, self.shape)
 
+    @property
+    def outs(self) -> list[OutTensor]:
+        """What is written for this tensor: itself, or its compressed parts."""
+        return self.parts if self.parts is not None else [self.out]
+
 
 @dataclass
 class ShardPlan:
@@ -50,7 +58,7 @@ class ShardPlan:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.out.nbytes for t in self.tensors)
+        return sum(o.nbytes for t in self.tensors for o in t.outs)
 
 
 @dataclass
@@ -104,11 +112,12 @@ def split_shards(tensors: list[TensorPlan], shard_bytes: int) -> list[ShardPlan]
     groups: list[list[TensorPlan]] = [[]]
     size = 0
     for t in tensors:
-        if groups[-1] and size + t.out.nbytes > shard_bytes:
+        nbytes = sum(o.nbytes for o in t.outs)
+        if groups[-1] and size + nbytes > shard_bytes:
             groups.append([])
             size = 0
         groups[-1].append(t)
-        size += t.out.nbytes
+        size += nbytes
     return [ShardPlan(name, g) for name, g in zip(shard_names(len(groups)), groups)]
 
 
@@ -145,8 +154,6 @@ def build_plan(recipe: Recipe, output: str | Path | None = None, recipe_dir: Pat
             problems.append(f"output.path {out_path} is {'the same as' if out_path == root else 'inside'} input '{alias}' ({root}); write elsewhere")
         elif _inside(root, out_path):
             problems.append(f"input '{alias}' ({root}) is inside output.path {out_path}; write elsewhere")
-    if recipe.output.format == "delta":
-        problems.append("output.format: delta needs a compressing edit (bitdelta or ternary), which this build does not have yet; use format: dense")
 
     base = sources[recipe.base]
     cfg = sources[recipe.config_from]
@@ -184,6 +191,12 @@ def build_plan(recipe: Recipe, output: str | Path | None = None, recipe_dir: Pat
         elementwise = recipe.combine.elementwise and all(e.elementwise for es in edits for e in es)
         tensors.append(TensorPlan(name, info.shape, out_dtype, True, edits, elementwise))
 
+    if not problems:
+        from weightx.delta_artifact import plan_compression
+
+        more, more_notes = plan_compression(recipe, sources, tensors, recipe_dir)
+        problems += more
+        notes += more_notes
     for alias, src in sources.items():
         extra = [n for n in src.weight_map if n not in cfg.weight_map]
         if extra and alias != recipe.config_from:
@@ -223,6 +236,10 @@ def render_plan(plan: Plan) -> str:
         f" {len(plan.tensors) - edited} copied), {plan.parameter_count:,} parameters, {', '.join(dtypes)}"
     )
     lines.append(f"        {human_bytes(plan.total_size)} in {len(plan.shards)} shard(s) of ≤ {human_bytes(r.output.shard_bytes)}")
+    if r.output.format == "delta":
+        from weightx.delta_artifact import render_compression
+
+        lines += [f"        {line}" for line in render_compression(plan)]
     lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(lines)
 

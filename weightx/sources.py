@@ -11,6 +11,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from weightx.errors import InputError
 from weightx.safetensors_io import Header, TensorInfo, read_header
@@ -34,8 +35,13 @@ class Source:
     revision: str | None = None  # resolved commit for hub sources
     sha256: dict[str, str] = field(default_factory=dict)  # known shard hashes (hub blobs)
     weightx_meta: dict | None = None  # the weightx.json of a weightx output, if it is one
+    # A weightx delta artifact's reader (weightx.delta_artifact.ArtifactReader): the source then lists
+    # logical tensors, and compressed ones are decoded rather than read.
+    artifact: Any = None
 
     def info(self, name: str) -> TensorInfo:
+        if self.artifact is not None and name in self.artifact.virtual:
+            return self.artifact.virtual[name]
         return self.headers[self.weight_map[name]].tensors[name]
 
     def path_of(self, shard: str) -> Path:
@@ -110,7 +116,12 @@ def _from_folder(alias: str, spec: str, root: Path) -> Source:
             meta = json.loads(wx.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             raise InputError(f"{wx}: unreadable weightx.json; the folder may be from an interrupted run") from None
-    return Source(alias, spec, "local", root, headers, weight_map, weightx_meta=meta)
+    src = Source(alias, spec, "local", root, headers, weight_map, weightx_meta=meta)
+    from weightx.delta_artifact import attach_artifact, is_artifact_meta
+
+    if is_artifact_meta(meta):
+        attach_artifact(src)
+    return src
 
 
 def _from_file(alias: str, spec: str, path: Path) -> Source:

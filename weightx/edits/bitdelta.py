@@ -28,6 +28,7 @@ their fine-tuned values. `include` / `exclude` override this.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
@@ -106,8 +107,11 @@ class BitDelta(EditConfig):
     elementwise: ClassVar[bool] = False
     compresses: ClassVar[bool] = True
 
-    # Scales learned by distillation, per tensor name; they replace the initial ones in `encode`.
+    # Set by the distillation phase (weightx.distill): learned scales per tensor name, which replace
+    # the initial ones in `encode`; the resolved calibration file; the run's record for weightx.json.
     _learned: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)
+    _data_path: Path | None = PrivateAttr(default=None)
+    _distill_record: dict | None = PrivateAttr(default=None)
 
     def applies_to(self, name: str, shape: tuple[int, ...]) -> bool:
         return len(shape) >= 1 and super().applies_to(name, shape)

@@ -381,3 +381,12 @@ def test_only_rank_zero_pushes_under_torchrun(hub, out, monkeypatch):
     assert render_push(r) == "rank 1: the push is left to rank 0" and hub.state.log == []
     monkeypatch.setenv("RANK", "0")
     assert push_spec(out, PushSpec(repo="alice/x"), endpoint=hub.url).commit_oid == hub.head("alice/x").oid
+
+
+def test_a_token_in_the_recipe_push_block_is_rejected_without_echoing_it():
+    from weightx.errors import RecipeError
+    from weightx.recipe import load_recipe
+
+    with pytest.raises(RecipeError) as err:
+        load_recipe(expo_recipe(push={"repo": "alice/x", "token": TOKEN}))
+    assert "push: unknown key 'token'" in str(err.value) and TOKEN not in str(err.value)

@@ -131,6 +131,9 @@ def test_uncompressed_delta_is_not_quantized():
     rec = expo_record()
     rec["output"]["format"] = "delta"
     assert meta_of(render_record(rec))["base_model_relation"] == "merge"
+    # weightx.json["delta"] lists the compressed tensors (written by the delta-artifact writer).
+    rec["delta"] = {"encoding": "weightx-delta", "tensors": {"w": {"codec": "sign"}}}
+    assert meta_of(render_record(rec))["base_model_relation"] == "quantized"
 
 
 def test_relations_are_values_the_hub_accepts():
@@ -221,3 +224,27 @@ def test_refresh_card_regenerates_ours_and_keeps_the_users(output, tmp_path):
     (folder / "README.md").write_text("# my own card\n")
     assert refresh_card(folder) == ("# my own card\n", False)
     assert (folder / "README.md").read_text() == "# my own card\n"
+
+
+def test_the_delta_cards_reconstruction_recipe_rebuilds_the_model(tmp_path):
+    """Follow the card's instructions (paths filled in) and get the dense output bit for bit."""
+    import torch
+
+    from weightx.api import apply
+    from weightx.testing import load_state_dict
+
+    ex = REPO / "examples" / "tiny"
+    doc = {"name": "tiny-bitdelta", "models": {"sft": str(ex / "sft"), "dpo": str(ex / "dpo")}, "base": "sft",
+           "deltas": [{"model": "dpo", "edits": [{"bitdelta": {}}]}], "output": {"path": str(tmp_path / "art"), "format": "delta"}}
+    apply(doc, push=False)
+    text = (tmp_path / "art" / "README.md").read_text()
+    assert "library_name" not in meta_of(text) and "bitdelta" in meta_of(text)["tags"]
+    section = text.split("## Reconstructing the full model")[1]
+    rebuild = yaml.safe_load(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))
+    rebuild["models"] = {"base": str(ex / "sft"), "delta": str(tmp_path / "art")}  # the placeholders, filled in
+    rebuild["output"]["path"] = str(tmp_path / "rebuilt")
+    apply(rebuild, push=False)
+    dense = {**doc, "output": {"path": str(tmp_path / "dense")}}
+    apply(dense, push=False)
+    a, b = load_state_dict(tmp_path / "rebuilt"), load_state_dict(tmp_path / "dense")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)

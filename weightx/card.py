@@ -115,7 +115,9 @@ def relation(record: dict) -> str | None:
     bases = hub_ids(record)
     if not bases:
         return None
-    if is_delta(record) and COMPRESSING_OPS & {op for op, _ in _edit_ops(record.get("recipe") or {})}:
+    compressed = bool(((record.get("delta") or {}).get("tensors"))) or bool(
+        COMPRESSING_OPS & {op for op, _ in _edit_ops(record.get("recipe") or {})})
+    if is_delta(record) and compressed:
         return "quantized"
     return "merge" if len(bases) > 1 else "finetune"
 

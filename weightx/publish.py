@@ -317,19 +317,20 @@ def push(
     rev = check_revision(revision)
     check_validation(record, force)
     token, token_source = find_token(token)
+    from huggingface_hub import HfApi, constants
+
+    if not dry_run:  # refuse before hashing gigabytes of shards
+        if token is None:
+            raise PushError("no Hugging Face token: log in with `hf auth login` or set HF_TOKEN to a token with write access")
+        if constants.is_offline_mode():
+            raise PushError("HF_HUB_OFFLINE is set, so the Hub cannot be reached; unset HF_HUB_OFFLINE (and TRANSFORMERS_OFFLINE) to push")
 
     card, card_changed = refresh_card(folder, repo_id=repo, write=False)
     files = manifest(folder, card)
     result = PushResult(repo, rev, private, files, dry_run=dry_run, card_updated=card_changed, token_source=token_source)
     if dry_run:
         return result
-
-    if token is None:
-        raise PushError("no Hugging Face token: log in with `hf auth login` or set HF_TOKEN to a token with write access")
-    from huggingface_hub import HfApi, constants
-
-    if constants.is_offline_mode():
-        raise PushError("HF_HUB_OFFLINE is set, so the Hub cannot be reached; unset HF_HUB_OFFLINE (and TRANSFORMERS_OFFLINE) to push")
+    assert token is not None
     _refuse_token_in_files(files, token)
     if card_changed:
         refresh_card(folder, repo_id=repo, write=True)  # the folder keeps the card that was pushed

@@ -101,6 +101,17 @@ def _wx_ties(m: Dict[str, str], out: str, shard: str) -> Dict[str, Any]:
     }
 
 
+MERGEKIT_DTYPE = ["bfloat16"]  # set from --mergekit-dtype
+
+
+def _mk_dtype() -> Dict[str, str]:
+    # mergekit's `dtype` is the dtype tensors are loaded and (mostly) computed in; deltas
+    # (model - base) are then rounded to it. float32 makes it exact, at a cost.
+    if MERGEKIT_DTYPE[0] == "bfloat16":
+        return {"dtype": "bfloat16"}
+    return {"dtype": MERGEKIT_DTYPE[0], "out_dtype": "bfloat16"}
+
+
 def _mk_expo(m: Dict[str, str]) -> Dict[str, Any]:
     # ExPO with alpha=0.3: dpo + 0.3 (dpo - sft) = 1.3 dpo - 0.3 sft.
     return {
@@ -110,7 +121,7 @@ def _mk_expo(m: Dict[str, str]) -> Dict[str, Any]:
             {"model": m["sft"], "parameters": {"weight": -0.3}},
         ],
         "parameters": {"normalize": False},
-        "dtype": "bfloat16",
+        **_mk_dtype(),
     }
 
 
@@ -119,7 +130,7 @@ def _mk_dare(m: Dict[str, str]) -> Dict[str, Any]:
         "merge_method": "dare_linear",
         "base_model": m["sft"],
         "models": [{"model": m["dpo"], "parameters": {"weight": 1.0, "density": 0.1}}],
-        "dtype": "bfloat16",
+        **_mk_dtype(),
     }
 
 
@@ -131,7 +142,7 @@ def _mk_ties(m: Dict[str, str]) -> Dict[str, Any]:
             {"model": m["sft"], "parameters": {"weight": 1.0, "density": 0.5}},
             {"model": m["dpo"], "parameters": {"weight": 1.0, "density": 0.5}},
         ],
-        "dtype": "bfloat16",
+        **_mk_dtype(),
     }
 
 
@@ -598,6 +609,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap.add_argument("--mergekit", help="mergekit-yaml command (default: from --mergekit-venv)")
     ap.add_argument("--mergekit-args", default="",
                     help="extra args for mergekit-yaml (e.g. '--read-to-gpu' or '-j 2')")
+    ap.add_argument("--mergekit-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                    help="mergekit `dtype` (compute/load dtype; output stays bfloat16)")
     ap.add_argument("--shard-size", default="5GB",
                     help="output shard size for both tools (decimal units; default 5GB)")
     ap.add_argument("--threads", type=int,
@@ -630,6 +643,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    MERGEKIT_DTYPE[0] = args.mergekit_dtype
     t_start = time.perf_counter()
     env = dict(os.environ)
     env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
@@ -665,6 +679,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "preset": args.preset, "generator_args": shlex.split(args.generator_args or ""),
         "data": str(data), "repeats": args.repeats, "device": args.device,
         "shard_size": args.shard_size, "threads": args.threads,
+        "mergekit_dtype": args.mergekit_dtype,
         "host": platform.node(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
         "weightx_cmd": wx_cmd, "mergekit_cmd": mk_cmd,
         "weightx_version": _version(wx_cmd, env) if wx_cmd else None,
@@ -851,21 +866,25 @@ res = {"missing_in_weightx": sorted(set(B) - set(A))[:5],
 num = den = 0.0
 kept_a = kept_b = n = 0
 maxabs = 0.0
+per = []
 for k in sorted(set(A) & set(B)):
     x, y, z = get(A[k]), get(B[k]), get(BASE[k])
     if x.shape != y.shape:
         res.setdefault("shape_mismatch", []).append(k)
         continue
     maxabs = max(maxabs, (x - y).abs().max().item())
-    num += (x - y).double().pow(2).sum().item()
-    den += (y - z).double().pow(2).sum().item()
+    tn, td = (x - y).double().pow(2).sum().item(), (y - z).double().pow(2).sum().item()
+    num += tn
+    den += td
+    per.append(((tn / td) ** 0.5 if td else (0.0 if tn == 0 else float("inf")), k))
     kept_a += (x != z).sum().item()
     kept_b += (y != z).sum().item()
     n += x.numel()
 res.update({"tensors": len(set(A) & set(B)), "max_abs_diff": maxabs,
             "rel_l2_of_delta": (num / den) ** 0.5 if den else None,
             "changed_frac_weightx": kept_a / n if n else None,
-            "changed_frac_mergekit": kept_b / n if n else None})
+            "changed_frac_mergekit": kept_b / n if n else None,
+            "worst_tensors": [[k, r] for r, k in sorted(per, reverse=True)[:5]]})
 print(json.dumps(res))
 """
 

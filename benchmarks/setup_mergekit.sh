@@ -14,6 +14,11 @@
 # - mergekit is installed with its declared dependencies; any extra pins needed
 #   to make the resolver succeed go into the constraint file below (EXTRA_PINS)
 #   and are explained next to them.
+# - Checked with Python 3.11: mergekit 0.1.5 resolves cleanly against torch
+#   2.13.0 (`pip check`: no broken requirements), so EXTRA_PINS is empty. It
+#   pulls transformers 5.x, peft, accelerate, datasets, pandas, pyarrow, scipy
+#   (~1.6 GB venv, a few minutes on 2 cores). If a later resolver run breaks,
+#   pin the offender here (e.g. "transformers<5.24") rather than editing the venv.
 # - mergekit is a separate tool, only ever *called* (mergekit-yaml); nothing of
 #   it is vendored into this repository.
 set -euo pipefail

@@ -71,7 +71,9 @@ def test_failure_mid_run_cleans_up(tmp_path, family, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(engine.ShardWriter, "write", boom)
-    with pytest.raises(OSError):
+    from weightx.output import OutputError
+
+    with pytest.raises(OutputError, match="the disk is full; the temporary files were removed"):
         weightx.apply(expo_recipe(family["sft"], family["dpo"], tmp_path / "out", 0.3))
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out.weightx-tmp-*"))

@@ -1,18 +1,24 @@
 """The output folder: built in a temporary sibling, completed by weightx.json, renamed into place.
 
 A folder at output.path therefore always holds a finished run. Leftovers of killed runs are
-temporary siblings named `.<name>.weightx-tmp-<pid>-<n>` and are swept by the next run.
+temporary siblings named `.<name>.weightx-tmp-<pid>-<n>` and are swept by the next run (after it
+took the shards they finished, see weightx.resume). Replacing an existing output is one atomic
+exchange of the two folders where the kernel offers it (renameat2), else two renames whose
+in-between state the next run repairs.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import itertools
 import json
 import os
 import shutil
 from pathlib import Path
 
-from weightx.errors import UsageError
+from weightx.errors import UsageError, WeightxError
+from weightx.safetensors_io import text_problem
 
 CONFIG_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -20,7 +26,27 @@ CONFIG_FILES = (
     "vocab.txt", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
 )
 TMP_TAG = ".weightx-tmp-"
+RESUME_PREFIX = ".weightx-resume"  # a temp folder holding one of these is kept for the next run to resume from
 _counter = itertools.count()
+
+
+class OutputError(WeightxError):
+    """The output could not be written (full disk, permissions...); the old output is untouched."""
+
+
+def write_failed(out_path: Path, e: OSError) -> OutputError:
+    what = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+            errno.EFBIG: "a file grew past the size limit (ulimit -f)", errno.EROFS: "the file system is read-only",
+            errno.EACCES: "permission denied", errno.EPERM: "permission denied"}.get(e.errno or 0, e.strerror or str(e))
+    keep = "the previous output is unchanged" if out_path.exists() else "nothing was written there"
+    return OutputError(f"cannot write {out_path}: {what}; the temporary files were removed and {keep}")
+
+
+def check_path(out_path: Path) -> None:
+    """Output paths end up in weightx.json, the card and messages: they must be printable UTF-8."""
+    why = text_problem(str(out_path))
+    if why:
+        raise UsageError(f"output path {str(out_path)!r} contains {why}; choose a plain name")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -33,27 +59,61 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def sweep_stale(out_path: Path) -> None:
-    """Remove temporary siblings left by runs that are no longer alive."""
+def stale_temps(out_path: Path) -> list[Path]:
+    """Temporary siblings of out_path left by runs that are no longer alive (oldest name first)."""
     prefix = f".{out_path.name}{TMP_TAG}"
     if not out_path.parent.is_dir():
-        return
-    for p in out_path.parent.iterdir():
+        return []
+    found = []
+    for p in sorted(out_path.parent.iterdir()):
         if p.name.startswith(prefix):
             pid = p.name[len(prefix):].split("-")[0]
-            if pid.isdigit() and not _pid_alive(int(pid)):
-                shutil.rmtree(p, ignore_errors=True)
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                found.append(p)
+    return found
+
+
+def _is_complete(folder: Path) -> bool:
+    try:
+        return json.loads((folder / "weightx.json").read_text(encoding="utf-8")).get("status") == "complete"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def sweep_stale(out_path: Path, keep_resumable: bool = False) -> None:
+    """Remove temporary siblings left by runs that are no longer alive.
+
+    A run killed between the two renames of a non-atomic replace left out_path missing and the
+    previous output in a `-old-` sibling: that one is put back, never deleted."""
+    stale = stale_temps(out_path)
+    if not out_path.exists():
+        for p in stale:
+            if "-old-" in p.name and _is_complete(p):
+                os.rename(p, out_path)
+                stale.remove(p)
+                break
+    for p in stale:
+        if keep_resumable and p.is_dir() and any(q.name.startswith(RESUME_PREFIX) for q in p.iterdir()):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def make_temp(out_path: Path, overwrite: bool) -> Path:
+    check_path(out_path)
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        sweep_stale(out_path, keep_resumable=True)  # first: it may put back an output a killed run had moved aside
+    except OSError as e:
+        raise write_failed(out_path, e) from None
     if out_path.exists() and not overwrite:
         raise UsageError(f"{out_path} already exists; pass --overwrite to replace it, or choose another output path")
     if out_path.exists() and not out_path.is_dir():
         raise UsageError(f"{out_path} exists and is not a folder; remove it or choose another output path")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale(out_path)
     tmp = out_path.parent / f".{out_path.name}{TMP_TAG}{os.getpid()}-{next(_counter)}"
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        raise write_failed(out_path, e) from None
     return tmp
 
 
@@ -99,9 +159,33 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2); False where the kernel or file system cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    rc = fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def finalize(tmp: Path, out_path: Path) -> None:
     """Move a complete temp folder into place; an old output is replaced only after that succeeds."""
     _fsync_dir(tmp)
+    if out_path.exists() and _exchange(tmp, out_path):
+        _fsync_dir(out_path.parent)
+        shutil.rmtree(tmp, ignore_errors=True)  # now the old output; a kill here leaves a stale temp, swept later
+        return
     if out_path.exists():
         old = out_path.parent / f".{out_path.name}{TMP_TAG}{os.getpid()}-old-{next(_counter)}"
         os.rename(out_path, old)

@@ -129,7 +129,7 @@ def resolve_sources(recipe: Recipe, recipe_dir: Path | None = None) -> dict[str,
         if alias not in used:
             continue
         try:
-            sources[alias] = resolve(alias, spec, recipe_dir)
+            sources[alias] = resolve(alias, spec, recipe_dir, allow_pickle=recipe.allow_pickle)
         except InputError as e:
             problems.append(str(e))
     if problems:

@@ -6,7 +6,9 @@ reporting every problem (with its location) in a single `RecipeError`.
 
 from __future__ import annotations
 
+import math
 import re
+import unicodedata
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -26,6 +28,7 @@ from pydantic import (
 from weightx.combine import COMBINES, CombineConfig
 from weightx.edits import EDITS, EditConfig
 from weightx.errors import RecipeError, UsageError
+from weightx.safetensors_io import text_problem
 
 MAX_YAML_ALIASES = 100
 MAX_YAML_BYTES = 1 << 20
@@ -104,6 +107,9 @@ class OutputSpec(_Strict):
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     shard_size: int | str = "5GB"
     config_from: str | None = None
+    # A NaN/Inf in a computed output tensor (from an input, or an overflow): "error" stops the run
+    # naming the tensor and the input that holds it; "warn" reports it and writes the output anyway.
+    on_nonfinite: Literal["error", "warn"] = "error"
 
     @field_validator("shard_size")
     @classmethod
@@ -181,6 +187,9 @@ class Recipe(_Strict):
     output: OutputSpec = Field(default_factory=OutputSpec)
     validate_: ValidateSpec | None = Field(default=None, alias="validate")
     push: PushSpec | None = None
+    # Pickle checkpoints (.bin/.pt) are refused unless this is true; then they are read with
+    # torch.load(weights_only=True), which builds tensors only and never runs code from the file.
+    allow_pickle: bool = False
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     _sweep: Any = PrivateAttr(default=None)  # weightx.validate.sweep.Sweep when a parameter is a list
@@ -238,7 +247,11 @@ def reference_problems(data: Any) -> list[tuple[str, str]]:
 
     def check(loc: str, alias: Any) -> None:
         if isinstance(alias, str) and aliases and alias not in aliases:
-            problems.append((loc, f"'{alias}' is not defined under models (defined: {known})"))
+            twin = [a for a in aliases if isinstance(a, str) and unicodedata.normalize("NFC", a) == unicodedata.normalize("NFC", alias)]
+            if twin:
+                problems.append((loc, f"{alias!r} differs from the alias {twin[0]!r} under models only in its Unicode form; retype one of them"))
+            else:
+                problems.append((loc, f"'{alias}' is not defined under models (defined: {known})"))
 
     check("base", data.get("base"))
     deltas = data.get("deltas")
@@ -287,6 +300,33 @@ def _messages(err: ValidationError) -> list[tuple[str, str]]:
     return problems
 
 
+def value_problems(data: Any) -> list[tuple[str, str]]:
+    """Numbers that are NaN/Inf and text with invisible or control characters, anywhere in a recipe.
+
+    On validated data (a model dump) this also sees strings pydantic turned into floats ("nan"). An
+    edit or combine mapping carries its `op`, which is put back into the location as the recipe has it."""
+    problems: list[tuple[str, str]] = []
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:  # iterative: API callers can pass arbitrarily deep dicts
+        loc, node = stack.pop()
+        if isinstance(node, float) and not math.isfinite(node):
+            problems.append((loc, f"must be a finite number, not {node}"))
+        elif isinstance(node, str):
+            if why := text_problem(node):
+                problems.append((loc, f"{node!r} contains {why}; retype it"))
+        elif isinstance(node, dict):
+            op = node.get("op") if isinstance(node.get("op"), str) else None
+            for k, v in node.items():
+                if isinstance(k, str) and (why := text_problem(k)):
+                    problems.append((loc, f"key {k!r} contains {why}; retype it"))
+                if k == "op" and op is not None:
+                    continue
+                stack.append((".".join(p for p in (loc, op, str(k)) if p), v))
+        elif isinstance(node, (list, tuple)):
+            stack.extend((f"{loc}.{i}" if loc else str(i), v) for i, v in enumerate(node))
+    return sorted(problems)
+
+
 def validate_recipe(data: Any, source: str = "recipe", *, sweep: bool = True) -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(source, [("", "a recipe is a YAML mapping with models, base, deltas and output")])
@@ -297,14 +337,18 @@ def validate_recipe(data: Any, source: str = "recipe", *, sweep: bool = True) ->
         if params:
             return _validate_sweep(data, params, source)
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as err:
         problems = _messages(err)
         # Field errors stop pydantic before the cross-reference check; run it anyway so the user
         # sees every problem in one go.
         seen = set(problems)
-        problems += [p for p in reference_problems(data) if p not in seen]
+        problems += [p for p in reference_problems(data) + value_problems(data) if p not in seen]
         raise RecipeError(source, problems) from None
+    problems = value_problems(recipe.model_dump(by_alias=True))
+    if problems:
+        raise RecipeError(source, problems)
+    return recipe
 
 
 def _validate_sweep(data: dict, params: list, source: str) -> Recipe:

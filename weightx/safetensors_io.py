@@ -8,11 +8,13 @@ dtypes, offsets inside the file, and no overlaps. A tensor is a zero-copy view o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import mmap
 import os
 import struct
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -86,23 +88,64 @@ def read_header(path: str | Path) -> Header:
     except OSError as e:
         raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
     try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: corrupt safetensors header (invalid JSON: {e}); re-download it") from None
+        doc = json.loads(raw, object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as e:  # also: duplicate keys, deep nesting, 4300+-digit ints
+        why = " ".join(str(e).split())[:200] or type(e).__name__
+        raise InputError(f"{path}: corrupt safetensors header (invalid JSON: {why}); re-download it") from None
     if not isinstance(doc, dict):
         raise InputError(f"{path}: corrupt safetensors header (not a JSON object); re-download it")
     data_size = size - 8 - n
     metadata = doc.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict):
         raise InputError(f"{path}: corrupt safetensors header (__metadata__ is not an object)")
+    for k, v in metadata.items():
+        if (why := text_problem(k, False)) or (isinstance(v, str) and (why := text_problem(v, False))):
+            raise InputError(f"{path}: corrupt safetensors header (__metadata__ entry {k!r} has {why})")
     tensors: dict[str, TensorInfo] = {}
     for name, entry in doc.items():
+        if why := name_problem(name):
+            raise InputError(f"{path}: refusing tensor name {name!r}: {why}")
         tensors[name] = _tensor_info(path, name, entry, data_size)
     spans = sorted((t.begin, t.end, t.name) for t in tensors.values() if t.end > t.begin)
     for (b0, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
         if b1 < e0:
             raise InputError(f"{path}: corrupt safetensors header (tensors {n0!r} and {n1!r} overlap)")
     return Header(path, 8 + n, tensors, {str(k): str(v) for k, v in metadata.items()})
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    doc = dict(pairs)
+    if len(doc) != len(pairs):  # json.loads would silently keep the last of two same-named tensors
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise ValueError(f"duplicate key {dup!r}")
+    return doc
+
+
+_INVISIBLE = {"Cc", "Cf", "Cs", "Co", "Zl", "Zp"}  # controls, format (zero-width, bidi), surrogates, private use
+
+
+def text_problem(s: str, invisible: bool = True) -> str | None:
+    """Why a name from a file or recipe is unsafe to print or write: invisible characters (unless
+    `invisible=False`) or lone surrogates, which cannot even be encoded as UTF-8."""
+    if s.isascii() and (s.isprintable() or not invisible):
+        return None
+    for ch in s:
+        cat = unicodedata.category(ch)
+        if cat == "Cs" or (invisible and cat in _INVISIBLE):
+            return f"an invisible or control character (U+{ord(ch):04X})"
+    return None
+
+
+def name_problem(name: str) -> str | None:
+    """Why a tensor name is refused. Names are never used as paths, but one that looks like a path
+    (`../x`, `/etc/x`, `a\\b`) is a sign of a crafted file, and invisible characters make two names look equal."""
+    if not name:
+        return "tensor names must not be empty"
+    if "/" in name or "\\" in name or name in (".", "..") or name.startswith(".."):
+        return "tensor names must not look like file paths"
+    why = text_problem(name)
+    return f"it contains {why}" if why else None
 
 
 def _tensor_info(path: Path, name: str, entry: object, data_size: int) -> TensorInfo:
@@ -207,13 +250,16 @@ class ShardWriter:
         self.tensors = tensors
         header, _ = layout_header(tensors, metadata)
         self.total = len(header) + sum(t.nbytes for t in tensors)
+        self.sha256: str | None = None  # set by close(): the file's hash, computed as it is written
+        self._hash = hashlib.sha256(header)
         self._f: BinaryIO = open(path, "wb")
         self._f.write(header)
         self._written = len(header)
 
     def write(self, data: torch.Tensor) -> int:
-        raw = data.contiguous().view(-1).view(torch.uint8).numpy()
-        self._f.write(memoryview(raw))
+        raw = memoryview(data.contiguous().view(-1).view(torch.uint8).numpy())
+        self._f.write(raw)
+        self._hash.update(raw)  # releases the GIL on large buffers: overlaps the next block's compute
         self._written += raw.nbytes
         return raw.nbytes
 
@@ -224,6 +270,7 @@ class ShardWriter:
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
+        self.sha256 = self._hash.hexdigest()
 
     def abort(self) -> None:
         if not self._f.closed:

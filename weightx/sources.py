@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from weightx.errors import InputError
-from weightx.safetensors_io import Header, TensorInfo, read_header
+from weightx.safetensors_io import Header, TensorInfo, name_problem, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -67,16 +67,36 @@ def _safe_shard_name(name: object, where: Path) -> str:
     return name
 
 
-def _from_folder(alias: str, spec: str, root: Path) -> Source:
+MAX_JSON_BYTES = 64 << 20  # an index of a 1T-parameter model is a few MB
+
+
+def _read_index(index: Path) -> dict:
+    try:
+        if index.stat().st_size > MAX_JSON_BYTES:
+            raise ValueError
+        doc = json.loads(index.read_text(encoding="utf-8"))
+        weight_map_raw = doc["weight_map"]
+        if not isinstance(weight_map_raw, dict):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        raise InputError(f"{index}: not a valid safetensors index (needs a weight_map object); re-download it") from None
+    for name in weight_map_raw:
+        if why := name_problem(name):
+            raise InputError(f"{index}: refusing tensor name {name!r}: {why}")
+    return weight_map_raw
+
+
+def _from_folder(alias: str, spec: str, root: Path, allow_pickle: bool = False) -> Source:
     index = root / INDEX_NAME
+    if not index.is_file() and not (root / SINGLE_NAME).is_file() and not any(root.glob("*.safetensors")):
+        from weightx.staging import PICKLE_INDEX, refusal, weight_pickles
+
+        if (root / PICKLE_INDEX).is_file() or weight_pickles(root):
+            if not allow_pickle:
+                raise InputError(refusal(root, [PICKLE_INDEX] if (root / PICKLE_INDEX).is_file() else weight_pickles(root)))
+            return _from_pickles(alias, spec, root)
     if index.is_file():
-        try:
-            doc = json.loads(index.read_text(encoding="utf-8"))
-            weight_map_raw = doc["weight_map"]
-            if not isinstance(weight_map_raw, dict):
-                raise TypeError
-        except (OSError, ValueError, KeyError, TypeError):
-            raise InputError(f"{index}: not a valid safetensors index (needs a weight_map object); re-download it") from None
+        weight_map_raw = _read_index(index)
         shards = {_safe_shard_name(f, index) for f in weight_map_raw.values()}
         headers = {}
         for shard in sorted(shards):
@@ -97,24 +117,19 @@ def _from_folder(alias: str, spec: str, root: Path) -> Source:
         weight_map = {n: SINGLE_NAME for n in headers[SINGLE_NAME].tensors}
     else:
         others = sorted(p.name for p in root.glob("*.safetensors"))
-        pickles = sorted(p.name for p in root.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
         if len(others) == 1:
             headers = {others[0]: read_header(root / others[0])}
             weight_map = {n: others[0] for n in headers[others[0]].tensors}
-        elif pickles:
-            raise InputError(
-                f"{root}: only pickle weights ({', '.join(pickles[:3])}); weightx reads safetensors only."
-                " Convert with: python -c \"from transformers import AutoModelForCausalLM as M;"
-                f" M.from_pretrained('{root}').save_pretrained('{root}-safetensors')\""
-            )
         else:
             raise InputError(f"{root}: no {INDEX_NAME} or {SINGLE_NAME} here; is this a Hugging Face model folder?")
     meta = None
     wx = root / "weightx.json"
     if wx.is_file():
         try:
+            if wx.stat().st_size > MAX_JSON_BYTES:
+                raise ValueError
             meta = json.loads(wx.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             raise InputError(f"{wx}: unreadable weightx.json; the folder may be from an interrupted run") from None
     src = Source(alias, spec, "local", root, headers, weight_map, weightx_meta=meta)
     from weightx.delta_artifact import attach_artifact, is_artifact_meta
@@ -122,6 +137,34 @@ def _from_folder(alias: str, spec: str, root: Path) -> Source:
     if is_artifact_meta(meta):
         attach_artifact(src)
     return src
+
+
+def _from_pickles(alias: str, spec: str, root: Path) -> Source:
+    """A folder of pickle weights, staged as safetensors (allow_pickle: true; see weightx.staging)."""
+    from weightx.staging import PICKLE_INDEX, stage, weight_pickles
+
+    index = root / PICKLE_INDEX
+    if index.is_file():
+        listed = _read_index(index)
+        files = sorted({_safe_shard_name(f, index) for f in listed.values()})
+    else:
+        listed, files = {}, weight_pickles(root)
+        if len(files) > 1:
+            raise InputError(f"{root}: several pickle files ({', '.join(files[:4])}) and no {PICKLE_INDEX}; point models.{alias} at the weights file")
+    headers = {}
+    for f in files:
+        if not (root / f).is_file():
+            raise InputError(f"{index}: names shard {f!r}, which is missing from {root}; re-download the model")
+        headers[f] = stage(root / f)
+    weight_map = {}
+    for name, f in listed.items():
+        if name not in headers[f].tensors:
+            raise InputError(f"{index}: lists tensor {name!r} in {f}, but that file does not contain it")
+        weight_map[name] = f
+    for f, h in headers.items():
+        for name in h.tensors:
+            weight_map.setdefault(name, f)
+    return Source(alias, spec, "local", root, headers, weight_map)
 
 
 def _from_file(alias: str, spec: str, path: Path) -> Source:
@@ -133,7 +176,7 @@ def looks_like_hub_id(spec: str) -> bool:
     return bool(HUB_ID.match(spec)) and not spec.startswith((".", "/", "~"))
 
 
-def _from_hub(alias: str, spec: str) -> Source:
+def _from_hub(alias: str, spec: str, allow_pickle: bool = False) -> Source:
     repo_id, _, revision = spec.partition("@")
     try:
         from huggingface_hub import snapshot_download
@@ -146,7 +189,8 @@ def _from_hub(alias: str, spec: str) -> Source:
     except ImportError as e:  # pragma: no cover - a hard dependency
         raise InputError(f"huggingface_hub is needed for Hub id {spec!r}: {e}") from None
     try:
-        folder = Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=HUB_PATTERNS))
+        patterns = HUB_PATTERNS + (["*.bin", "*.pt", "*.pth"] if allow_pickle else [])
+        folder = Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=patterns))
     except GatedRepoError:
         raise InputError(f"{repo_id} is gated: accept its terms on huggingface.co and log in with `hf auth login`") from None
     except RepositoryNotFoundError:
@@ -160,7 +204,7 @@ def _from_hub(alias: str, spec: str) -> Source:
         ) from None
     except (OSError, ValueError) as e:
         raise InputError(f"cannot fetch {spec} from the Hub: {' '.join(str(e).split())[:300]}") from None
-    src = _from_folder(alias, spec, folder)
+    src = _from_folder(alias, spec, folder, allow_pickle)
     src.kind, src.repo_id = "hub", repo_id
     src.revision = folder.name if re.fullmatch(r"[0-9a-f]{40}", folder.name) else (revision or None)
     for shard, header in src.headers.items():
@@ -173,19 +217,24 @@ def _from_hub(alias: str, spec: str) -> Source:
     return src
 
 
-def resolve(alias: str, spec: str, base_dir: Path | None = None) -> Source:
-    """Resolve one `models:` entry to a Source, reading headers only."""
+def resolve(alias: str, spec: str, base_dir: Path | None = None, allow_pickle: bool = False) -> Source:
+    """Resolve one `models:` entry to a Source, reading headers only (pickles: see weightx.staging)."""
     path = Path(os.path.expanduser(spec))
     if not path.is_absolute() and base_dir is not None and not path.exists() and (base_dir / path).exists():
         path = base_dir / path
     if path.is_dir():
-        return _from_folder(alias, spec, path.resolve())
+        return _from_folder(alias, spec, path.resolve(), allow_pickle)
     if path.is_file():
         if path.suffix != ".safetensors":
             if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
-                raise InputError(f"models.{alias}: {spec} is a pickle checkpoint; weightx reads safetensors only (convert it with transformers' save_pretrained)")
+                from weightx.staging import refusal, stage
+
+                if not allow_pickle:
+                    raise InputError(f"models.{alias}: " + refusal(path, []))
+                header = stage(path)
+                return Source(alias, spec, "file", path.resolve().parent, {path.name: header}, {n: path.name for n in header.tensors})
             raise InputError(f"models.{alias}: {spec} is not a .safetensors file or a model folder")
         return _from_file(alias, spec, path.resolve())
     if looks_like_hub_id(spec):
-        return _from_hub(alias, spec)
+        return _from_hub(alias, spec, allow_pickle)
     raise InputError(f"models.{alias}: {spec!r} does not exist; give a local folder, a .safetensors file or a Hub id org/name[@revision]")

@@ -1,0 +1,66 @@
+"""One writer per output path: an `flock` on `.<name>.weightx-lock` next to the output.
+
+The kernel drops an flock when its holder dies, so a SIGKILLed run never leaves a stale lock behind.
+The lock file is removed on release; because another process may have opened it just before the
+unlink, a new holder checks that the file it locked is still the one at the path, and retries if not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from weightx.output import OutputError
+
+LOCK_TAG = ".weightx-lock"
+
+
+class OutputBusyError(OutputError):
+    """Another weightx run holds the output path."""
+
+
+def lock_path(out_path: Path) -> Path:
+    return out_path.parent / f".{out_path.name}{LOCK_TAG}"
+
+
+@contextlib.contextmanager
+def output_lock(out_path: Path) -> Iterator[Path]:
+    """Hold the output's lock for the duration of the block, or raise OutputBusyError at once."""
+    path = lock_path(out_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise OutputError(f"cannot create the lock file {path}: {e.strerror or e}; check that {path.parent} is writable") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise OutputBusyError(
+                    f"another weightx run is writing {out_path} (it holds {path}); wait for it to finish or choose another output path"
+                ) from None
+            raise
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # we locked a file its previous holder had just unlinked: take the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())  # for humans wondering who holds it
+    except OSError:
+        pass  # a full disk must not stop us from reporting the real error later
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # while still holding it, so nobody can lock the file we are removing
+        os.close(fd)

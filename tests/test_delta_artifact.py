@@ -231,3 +231,56 @@ def test_hub_base_is_recorded_with_id_revision_and_sha256(family, tmp_path):
     rec = reconstruct(f"tiny-org/tiny-sft@{commit}", tmp_path / "art", tmp_path / "rec")
     r = run_cli("apply", str(write_recipe(tmp_path / "r2.yaml", rec)), env=env)
     assert r.returncode == 0, r.stderr
+
+
+def test_inspect_shows_encoding_ratio_and_scales(family, tmp_path):
+    api.apply(recipe(family["sft"], family["dpo"], tmp_path / "art", [{"bitdelta": {}}]))
+    art = load_state_dict(tmp_path / "art")
+    r = run_cli("inspect", str(tmp_path / "art"))
+    assert r.returncode == 0, r.stderr
+    assert "weightx-delta v1: bitdelta ×14" in r.stdout
+    assert "of their dense bf16 delta" in r.stdout and "of the model's dense bf16 delta" in r.stdout
+    name = "model.layers.1.self_attn.v_proj.weight"
+    line = next(x for x in r.stdout.splitlines() if x.strip().startswith(name))
+    assert f"{float(art[name + '.scale'][0]):.6g}" in line
+    doc = json.loads(run_cli("inspect", str(tmp_path / "art"), "--json").stdout)
+    d = doc["delta"]
+    numel = sum(math.prod(t["shape"]) for t in d["tensors"].values())
+    parts = sum(x.numel() * x.element_size() for n, x in art.items() if n.rsplit(".", 1)[0] in d["tensors"])
+    assert d["compressed_bytes"] == parts and d["compressed_ratio"] == pytest.approx(numel * 2 / parts)
+    assert d["ratio"] == pytest.approx(doc["parameter_count"] * 2 / sum(x.numel() * x.element_size() for x in art.values()))
+    assert d["tensors"][name]["scale"] == [pytest.approx(float(art[name + ".scale"][0]))]
+    # the logical tensors, not the parts, are what the artifact holds
+    assert doc["tensor_count"] == len(load_state_dict(family["dpo"]))
+
+
+def test_serving_api_applies_and_removes_deltas_exactly(family, tmp_path):
+    import weightx
+    from transformers import AutoModelForCausalLM
+
+    for tag, edits in (("bit", [{"bitdelta": {"bits": 2}}]), ("ter", [{"ternary": {"density": 0.3}}])):
+        api.apply(recipe(family["sft"], family["dpo"], tmp_path / tag, edits))
+        api.apply(reconstruct(family["sft"], tmp_path / tag, tmp_path / f"{tag}-dense"))
+    model = AutoModelForCausalLM.from_pretrained(family["sft"], dtype=torch.bfloat16)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    deltas = {tag: weightx.load_delta(tmp_path / tag) for tag in ("bit", "ter")}
+    ids = torch.tensor([[1, 5, 9, 33, 7]])
+    for _ in range(2):  # switch back and forth on the one base
+        for tag, delta in deltas.items():
+            assert delta.nbytes < sum(v.numel() * v.element_size() for v in base_state.values())
+            applied = weightx.apply_delta(model, delta)
+            want = load_state_dict(tmp_path / f"{tag}-dense")
+            got = model.state_dict()
+            assert same_bits({k: got[k] for k in want}, want) == []
+            dense = AutoModelForCausalLM.from_pretrained(tmp_path / f"{tag}-dense", dtype=torch.bfloat16)
+            with torch.no_grad():
+                assert torch.equal(model(ids).logits, dense(ids).logits)
+            weightx.remove_delta(model, applied)
+            assert same_bits(model.state_dict(), base_state) == []
+    with pytest.raises(InputError, match="no weightx delta is applied"):
+        weightx.remove_delta(model)
+    from weightx.testing import make_tiny_llama
+
+    other = AutoModelForCausalLM.from_pretrained(make_tiny_llama(tmp_path / "wide", hidden=32, intermediate=64))
+    with pytest.raises(InputError, match="does not fit this model"):
+        weightx.apply_delta(other, deltas["bit"])

@@ -16,8 +16,10 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from weightx.api import ApplyResult, apply, plan
     from weightx.recipe import Recipe
+    from weightx.serving import apply_delta, load_delta, remove_delta
 
-_LAZY = {"apply": "weightx.api", "plan": "weightx.api", "ApplyResult": "weightx.api", "Recipe": "weightx.recipe"}
+_LAZY = {"apply": "weightx.api", "plan": "weightx.api", "ApplyResult": "weightx.api", "Recipe": "weightx.recipe",
+         "load_delta": "weightx.serving", "apply_delta": "weightx.serving", "remove_delta": "weightx.serving"}
 
 
 def __getattr__(name: str) -> Any:
@@ -28,4 +30,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'weightx' has no attribute {name!r}")
 
 
-__all__ = ["Recipe", "apply", "plan", "ApplyResult", "__version__"]
+__all__ = ["Recipe", "apply", "plan", "ApplyResult", "load_delta", "apply_delta", "remove_delta", "__version__"]

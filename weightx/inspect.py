@@ -28,6 +28,10 @@ def summarize(path: str) -> dict:
     meta = src.weightx_meta
     if meta:
         doc["weightx"] = {k: meta.get(k) for k in ("weightx_version", "created", "status", "inputs", "recipe", "output") if k in meta}
+    if src.artifact is not None:
+        from weightx.delta_artifact import describe_artifact
+
+        doc["delta"] = describe_artifact(src)
     return doc
 
 
@@ -58,6 +62,10 @@ def inspect_source(path: str, *, show_tensors: bool = False, as_json: bool = Fal
                 for e in d.get("edits", []) for op, params in e.items()
             ) or "no edits"
             lines.append(f"  delta       {d.get('model')} − {recipe.get('base')} (weight {d.get('weight')}): {edits}")
+    if doc.get("delta"):
+        from weightx.delta_artifact import render_artifact
+
+        lines += render_artifact(doc["delta"])
     if show_tensors:
         lines.append("  tensors:")
         lines += [f"    {t['name']}  {t['dtype']}  {t['shape']}" for t in doc["tensors"]]

@@ -1,0 +1,171 @@
+"""Serve fine-tunes as deltas on one shared base model held in memory.
+
+    import weightx
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained("meta-llama/Llama-2-7b-hf", dtype="bfloat16")
+    chat = weightx.load_delta("deltas/vicuna-bitdelta")      # ~1.3 GB instead of 13.5 GB
+    applied = weightx.apply_delta(base, chat)                # base is now Vicuna (as reconstructed)
+    ...
+    weightx.remove_delta(base, applied)                      # base is the base again, bit for bit
+
+Applying writes round(base + δ̂) into each compressed weight, exactly what a reconstruction with
+`weightx apply` holds (same float32 formula, one rounding), and copies the stored tensors
+(embeddings, lm_head, norms) over theirs. Removing subtracts δ̂ again; where rounding made that
+land one ulp off, the original value was recorded at apply time (a sparse list of fix-ups, a tiny
+fraction of the weights), so the base comes back bit for bit. The stored tensors' base values are
+kept while a delta is applied (they are the delta's own size). So switching between fine-tunes
+costs the deltas' bytes, not a model copy each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from weightx.delta_artifact import ArtifactReader
+from weightx.errors import InputError
+
+
+@dataclass
+class DeltaArtifact:
+    """A delta artifact loaded into memory: compressed parts plus the tensors stored whole."""
+
+    path: Path
+    meta: dict
+    codecs: dict[str, dict]  # compressed tensor -> codec record (codec, params, shape, dtype)
+    parts: dict[str, dict[str, torch.Tensor]]
+    whole: dict[str, torch.Tensor]
+
+    @property
+    def base(self) -> dict:
+        """The base this delta was made against (alias, source, repo_id, revision, files with sha256)."""
+        return self.meta.get("delta", {}).get("base", {})
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for p in self.parts.values() for t in p.values()) + sum(
+            t.numel() * t.element_size() for t in self.whole.values())
+
+    def names(self) -> list[str]:
+        return sorted([*self.codecs, *self.whole])
+
+    def decode(self, name: str, device: torch.device | str | None = None) -> torch.Tensor:
+        """The dense float32 delta δ̂ of one compressed tensor."""
+        from weightx.delta_artifact import _decoders
+
+        entry = self.codecs[name]
+        params = {k: v for k, v in entry.items() if k not in ("codec", "shape", "dtype")}
+        parts = {k: v.to(device) if device is not None else v for k, v in self.parts[name].items()}
+        return _decoders()[entry["codec"]](parts, tuple(entry["shape"]), **params)
+
+    def to(self, device: torch.device | str) -> DeltaArtifact:
+        """Move everything to `device` (e.g. the GPU holding the base), in place; returns self."""
+        self.parts = {n: {k: v.to(device) for k, v in p.items()} for n, p in self.parts.items()}
+        self.whole = {n: v.to(device) for n, v in self.whole.items()}
+        return self
+
+
+def load_delta(path: str | Path) -> DeltaArtifact:
+    """Read a delta artifact folder (local or a Hub id) into memory."""
+    from weightx.sources import resolve
+
+    src = resolve("delta", str(path))
+    reader: ArtifactReader | None = src.artifact
+    if reader is None:
+        raise InputError(f"{path} is not a weightx delta artifact (no weightx.json with output.format: delta)")
+    parts = {n: {k: v.clone() for k, v in reader.parts(n).items()} for n in reader.codecs}
+    whole = {}
+    from weightx.safetensors_io import MappedFile
+
+    maps: dict[str, MappedFile] = {}
+    for name, shard in src.weight_map.items():
+        if reader.is_compressed(name):
+            continue
+        mf = maps.get(shard) or maps.setdefault(shard, MappedFile(src.headers[shard]))
+        info = src.headers[shard].tensors[name]
+        whole[name] = mf.tensor(name).view(info.shape).clone()
+    for mf in maps.values():
+        mf.close()
+    return DeltaArtifact(src.root, src.weightx_meta or {}, dict(reader.codecs), parts, whole)
+
+
+@dataclass
+class AppliedDelta:
+    """What `remove_delta` needs to restore the base exactly."""
+
+    delta: DeltaArtifact
+    fixups: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # flat index, base value
+    saved: dict[str, torch.Tensor] = field(default_factory=dict)  # base values of the tensors stored whole
+
+    @property
+    def nbytes(self) -> int:
+        fix = sum(i.numel() * i.element_size() + v.numel() * v.element_size() for i, v in self.fixups.values())
+        return fix + sum(t.numel() * t.element_size() for t in self.saved.values())
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    return x.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
+
+
+def _params(model: torch.nn.Module, delta: DeltaArtifact) -> dict[str, torch.Tensor]:
+    state = model.state_dict(keep_vars=True)
+    problems = []
+    for name in delta.names():
+        want = tuple(delta.codecs[name]["shape"]) if name in delta.codecs else tuple(delta.whole[name].shape)
+        if name not in state:
+            problems.append(f"{name} is not a tensor of the model")
+        elif tuple(state[name].shape) != want:
+            problems.append(f"{name} is {list(state[name].shape)} in the model but {list(want)} in the delta")
+    if problems:
+        raise InputError(f"the delta at {delta.path} does not fit this model ({len(problems)} problem(s), e.g."
+                         f" {problems[0]}); load the base it was made against")
+    return {n: state[n] for n in delta.names()}
+
+
+def apply_delta(model: torch.nn.Module, delta: DeltaArtifact | str | Path) -> AppliedDelta:
+    """Turn the loaded base `model` into the fine-tune, in place; returns the handle to undo it."""
+    if not isinstance(delta, DeltaArtifact):
+        delta = load_delta(delta)
+    params = _params(model, delta)
+    applied = AppliedDelta(delta)
+    stack = model.__dict__.setdefault("_weightx_deltas", [])
+    with torch.no_grad():
+        for name in delta.codecs:
+            p = params[name]
+            d = delta.decode(name, p.device)
+            new = (p.float() + d).to(p.dtype)  # the reconstruction's formula: float32 sum, one rounding
+            back = (new.float() - d).to(p.dtype)
+            off = torch.nonzero((_bits(back) != _bits(p.data)).reshape(-1)).reshape(-1)
+            applied.fixups[name] = (off, p.data.reshape(-1)[off].clone())
+            p.data.copy_(new)
+        for name, value in delta.whole.items():
+            p = params[name]
+            applied.saved[name] = p.data.clone()
+            p.data.copy_(value.to(device=p.device, dtype=p.dtype))
+    stack.append(applied)
+    return applied
+
+
+def remove_delta(model: torch.nn.Module, applied: AppliedDelta | None = None) -> None:
+    """Undo `apply_delta` (default: the last one applied); deltas come off in reverse order."""
+    stack = model.__dict__.get("_weightx_deltas") or []
+    if not stack:
+        raise InputError("no weightx delta is applied to this model")
+    if applied is None:
+        applied = stack[-1]
+    if applied is not stack[-1]:
+        raise InputError("remove deltas in the reverse order they were applied (the last one first)")
+    params = _params(model, applied.delta)
+    with torch.no_grad():
+        for name in applied.delta.codecs:
+            p = params[name]
+            d = applied.delta.decode(name, p.device)
+            p.data.copy_((p.float() - d).to(p.dtype))
+            off, values = applied.fixups[name]
+            p.data.reshape(-1)[off.to(p.device)] = values.to(p.device)
+        for name, value in applied.saved.items():
+            params[name].data.copy_(value)
+    stack.pop()

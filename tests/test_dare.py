@@ -264,3 +264,23 @@ def test_apply_dare_end_to_end_matches_numpy(family, tmp_path):
         expected = base.astype(np.float64) + np_dare(delta, mask, 0.7)
         assert np.allclose(o.numpy(), expected, rtol=1e-6, atol=1e-7), name
         assert np.array_equal(o.numpy()[mask], base[mask]), name
+
+
+def test_dare_expo_recipe_runs_and_is_dare_then_expo(family, tmp_path):
+    """recipes/dare-expo.yaml on local stand-ins: θ = θ_sft + (1 + α)·DARE(θ_dpo − θ_sft)."""
+    from conftest import REPO
+
+    r = load_recipe(REPO / "recipes" / "dare-expo.yaml", [
+        f"models.sft={family['sft']}", f"models.dpo={family['dpo']}", "output.dtype=float32",
+    ])
+    assert [e.op for e in r.deltas[0].edits] == ["dare", "expo"]
+    dare, expo = r.deltas[0].edits
+    assert (dare.drop, dare.rescale, expo.alpha) == (0.9, "inverse_keep", 0.1)
+    out = load_state_dict(weightx.apply(r, output=tmp_path / "out").path)
+    sft, dpo = load_state_dict(family["sft"]), load_state_dict(family["dpo"])
+    for name, o in out.items():
+        base = sft[name].to(torch.float32).numpy()
+        delta = dpo[name].to(torch.float32).numpy() - base
+        mask = np_drop_mask(dare.seed, name, delta.size, 0.9).reshape(delta.shape)
+        expected = base.astype(np.float64) + 1.1 * np_dare(delta, mask, 0.9)
+        assert np.allclose(o.numpy(), expected, rtol=1e-6, atol=1e-7), name

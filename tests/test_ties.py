@@ -145,3 +145,26 @@ def test_dare_then_ties_is_dare_ties(merge_family, tmp_path):
             taus.append(np.where(mask, 0.0, d.astype(np.float64) * 2.0).astype(np.float32))
         want = base.astype(np.float64) + np_ties(taus, density=0.6)
         assert np.allclose(o.numpy(), want, rtol=1e-6, atol=1e-7), name
+
+
+def test_dare_ties_recipe_runs(merge_family, tmp_path):
+    """recipes/dare-ties.yaml with local stand-ins for the three Hub models."""
+    from conftest import REPO
+
+    r = load_recipe(REPO / "recipes" / "dare-ties.yaml", [
+        f"models.llama2={merge_family['base']}", f"models.lm={merge_family['math']}",
+        f"models.math={merge_family['code']}", "output.dtype=float32",
+    ])
+    assert r.combine.op == "ties" and all(d.edits[0].op == "dare" for d in r.deltas)
+    drop, density = r.deltas[0].edits[0].drop, r.combine.density
+    out = load_state_dict(weightx.apply(r, output=tmp_path / "out").path)
+    sd = {k: load_state_dict(merge_family[k]) for k in ("base", "math", "code")}
+    for name, o in out.items():
+        base = sd["base"][name].to(torch.float32).numpy()
+        taus = []
+        for m, d in zip(("math", "code"), r.deltas):
+            delta = sd[m][name].to(torch.float32).numpy() - base
+            mask = np_drop_mask(d.edits[0].seed, name, delta.size, drop).reshape(delta.shape)
+            taus.append((np.where(mask, 0.0, delta.astype(np.float64) / (1 - drop))).astype(np.float32))
+        want = base.astype(np.float64) + np_ties(taus, [d.weight for d in r.deltas], density=density)
+        assert np.allclose(o.numpy(), want, rtol=1e-6, atol=1e-7), name

@@ -284,3 +284,17 @@ def test_serving_api_applies_and_removes_deltas_exactly(family, tmp_path):
     other = AutoModelForCausalLM.from_pretrained(make_tiny_llama(tmp_path / "wide", hidden=32, intermediate=64))
     with pytest.raises(InputError, match="does not fit this model"):
         weightx.apply_delta(other, deltas["bit"])
+
+
+def test_bundled_compression_recipes_run_offline(tmp_path):
+    """recipes/bitdelta.yaml (distilled, shortened here), ternary.yaml and materialize.yaml on examples/tiny."""
+    art = tmp_path / "bitdelta"
+    r = run_cli("apply", "recipes/bitdelta.yaml", "--output", str(art), "--set", "deltas.0.edits.0.bitdelta.distill.steps=3")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((art / "weightx.json").read_text())["distill"]["steps"] == 3
+    r = run_cli("apply", "recipes/materialize.yaml", "--output", str(tmp_path / "dense"), "--set", f"models.delta={art}")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("apply", "recipes/ternary.yaml", "--output", str(tmp_path / "ternary"))
+    assert r.returncode == 0, r.stderr
+    r = run_cli("inspect", str(tmp_path / "ternary"))
+    assert "ternary ×14" in r.stdout

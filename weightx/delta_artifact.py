@@ -118,6 +118,12 @@ def plan_compression(recipe: Recipe, sources: dict[str, Source], tensors: list[T
             why = base_mismatch(alias, art, recipe.base, sources[recipe.base])
             if why:
                 raise InputError(why)
+            counts: dict[str, int] = {}
+            for e in art.codecs.values():
+                counts[e["codec"]] = counts.get(e["codec"], 0) + 1
+            what = ", ".join(f"{op} on {n} tensors" for op, n in counts.items()) or "no compressed tensors"
+            notes.append(f"'{alias}' is a weightx delta artifact ({what}); base '{recipe.base}' must be the model it"
+                         " was made against: shard names and sizes match, sha256 is compared as the run hashes it")
 
     edits = [e for d in recipe.deltas for e in d.edits]
     compressing = [e for e in edits if is_compressing(e)]
@@ -446,7 +452,7 @@ def render_artifact(d: dict) -> list[str]:
     ]
     if d.get("distill"):
         x = d["distill"]
-        lines.append(f"  distilled   {x['steps']} steps, logit MSE {x['loss_before']:.4g} -> {x['loss_after']:.4g}")
+        lines.append(f"  distilled   {x['steps']} steps, logit MSE {x['loss_before']:.6g} -> {x['loss_after']:.6g}")
     lines.append("  scales:")
     width = max((len(n) for n in d["tensors"]), default=0)
     for name, row in d["tensors"].items():

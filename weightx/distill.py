@@ -64,11 +64,12 @@ def plan_distill(recipe: Recipe, sources: dict[str, Source], tensors: list[Tenso
         problems.append(f"bitdelta distill tokenises its calibration text with the tokenizer of"
                         f" '{recipe.config_from}', which has none; set output.config_from to a folder with one")
     for e in edits:
-        raw = Path(e.distill.data).expanduser()
-        path = recipe_dir / raw if not raw.is_absolute() and recipe_dir is not None and (recipe_dir / raw).is_file() else raw
+        path = Path(e.distill.data).expanduser()
+        if not path.is_absolute() and not path.exists() and recipe_dir is not None and (recipe_dir / path).exists():
+            path = recipe_dir / path  # as model paths: the current directory first, then the recipe's folder
         if not path.is_file():
             problems.append(f"bitdelta distill.data: {e.distill.data} is not a file (relative paths are taken from"
-                            " the recipe's folder, then the current directory)")
+                            " the current directory, then the recipe's folder)")
         else:
             e._data_path = path.resolve()
         for t in tensors:

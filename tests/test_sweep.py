@@ -144,6 +144,8 @@ def test_sweep_evaluates_each_candidate_in_memory_and_writes_only_the_winner(swe
     assert [c["values"]["deltas.0.edits.0.expo.alpha"] for c in sw["candidates"]] == ALPHAS
     assert sw["direction"] == "min"  # lm-eval: lower bits_per_byte is better
     scores = [c["score"] for c in sw["candidates"]]
+    # Candidates are measured on the select task only.
+    assert all(set(c["results"]) == {"weightx_ppl"} for c in sw["candidates"])
     assert all(c["results"]["weightx_ppl"]["bits_per_byte"]["value"] == s for c, s in zip(sw["candidates"], scores))
     assert sw["winner"] == scores.index(min(scores))
     winner_alpha = ALPHAS[sw["winner"]]
@@ -153,9 +155,11 @@ def test_sweep_evaluates_each_candidate_in_memory_and_writes_only_the_winner(swe
     assert len(parents) == 1 and parents.pop().name.startswith(".out.weightx-tmp-")  # apply's temp sibling of out
     assert sorted(p.name for p in folder.iterdir()) == ["out", "sweep.yaml"]
     assert len(list(folder.rglob("*.safetensors"))) == len(list((folder / "out").glob("*.safetensors")))
-    # The output's validation is the winner's in-memory measurement; the table and the card show the sweep.
-    assert doc["validation"]["results"]["output"] == sw["candidates"][sw["winner"]]["results"]
-    assert doc["validation"]["output_from_sweep"] is True
+    # The written output then gets the whole validate block, from disk: on the select task it
+    # measures exactly what the winner measured in memory.
+    v = doc["validation"]
+    assert v["output_from_sweep"] is False and set(v["results"]["output"]) == {"weightx_mc", "weightx_ppl"}
+    assert v["results"]["output"]["weightx_ppl"] == sw["candidates"][sw["winner"]]["results"]["weightx_ppl"]
     assert "← winner" in result.output and "## Sweep" in (folder / "out" / "README.md").read_text()
 
 
@@ -169,10 +173,24 @@ def test_winner_matches_a_separate_run_of_that_value_on_disk(swept, tmp_path):
     assert single.exit_code == 0, single.output
     doc = json.loads((tmp_path / "single" / "weightx.json").read_text())
     assert doc["validation"]["output_from_sweep"] is False  # evaluated from the folder on disk
-    assert doc["validation"]["results"]["output"] == sw["candidates"][sw["winner"]]["results"]
+    assert doc["validation"]["results"]["output"]["weightx_ppl"] == sw["candidates"][sw["winner"]]["results"]["weightx_ppl"]
+    swept_output = json.loads((folder / "out" / "weightx.json").read_text())["validation"]["results"]["output"]
+    assert doc["validation"]["results"]["output"] == swept_output
     # And the two outputs hold the same bytes.
     for shard in (tmp_path / "single").glob("*.safetensors"):
         assert shard.read_bytes() == (folder / "out" / shard.name).read_bytes()
+
+
+def test_when_select_covers_every_task_the_winner_is_not_evaluated_again(tmp_path):
+    recipe = tmp_path / "sweep.yaml"
+    recipe.write_text(yaml.safe_dump(recipe_data(tmp_path / "out", [0.5, 2.0], tasks=["weightx_ppl"],
+                                                 select="min weightx_ppl/word_perplexity")))
+    result = CliRunner().invoke(main, ["apply", str(recipe)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    doc = json.loads((tmp_path / "out" / "weightx.json").read_text())
+    assert doc["validation"]["output_from_sweep"] is True
+    assert doc["validation"]["results"]["output"] == doc["sweep"]["candidates"][doc["sweep"]["winner"]]["results"]
+    assert "measured on the sweep's winning candidate in memory" in result.output
 
 
 def test_sweep_with_no_validate_is_a_usage_error(tmp_path):

@@ -182,7 +182,13 @@ def validate_output(
     settings = settings_for(spec, device)
     tasks = tasks or load_tasks(resolve_tasks(spec.tasks, recipe_dir))
     models = {**compare_paths(spec.compare, plan.recipe, recipe_dir), "output": out}
-    preset = {"output": (sweep.best.results, sweep.best.higher_is_better)} if sweep is not None else None
+    preset = None
+    if sweep is not None:
+        from weightx.validate.runner import task_order
+
+        # The winner was measured in memory on the select task; reuse that only if it covers every task.
+        if set(task_order(tasks)) <= set(sweep.best.results):
+            preset = {"output": (sweep.best.results, sweep.best.higher_is_better)}
     v = evaluate_models(models, tasks, settings, task_names=list(spec.tasks), preset=preset, log=log)
     v.gates = check([parse_gate(k, e) for k, e in spec.require.items()], v.results)
     write_record(out, v, sweep)

@@ -219,6 +219,22 @@ def set_weights(model: Any, plan: "Plan", device: Any) -> None:
         inputs.close()
 
 
+def select_tasks(tasks: "LoadedTasks", name: str) -> "LoadedTasks":
+    """The part of `tasks` that `select` reads: that group or that task alone."""
+    from weightx.errors import UsageError
+    from weightx.validate.tasks import LoadedTasks
+
+    if name in tasks.groups:
+        group = tasks.groups[name]
+        subtasks = {t.task_name: t for t in group.get_all_tasks()}
+        subgroups = {g.name: g for g in group.get_all_groups()} | {name: group}
+        return LoadedTasks(tasks.manager, [group], subtasks, subgroups)
+    if name in tasks.tasks:
+        return LoadedTasks(tasks.manager, [tasks.tasks[name]], {name: tasks.tasks[name]}, {})
+    known = ", ".join([*tasks.groups, *tasks.tasks])
+    raise UsageError(f"validate.select: task {name!r} is not among validate.tasks (evaluated: {known})")
+
+
 def _score(results: dict, higher: dict, select: Any) -> tuple[float | None, float | None, bool | None]:
     from weightx.validate.gates import lookup
 
@@ -259,6 +275,9 @@ def run_sweep(
     settings = settings or settings_for(spec, device)
     if tasks is None:
         tasks = load_tasks(resolve_tasks(spec.tasks, recipe_dir))
+    # Candidates are measured on the task that picks the winner only; the written output then gets
+    # the full validate block (as ExPO picks alpha on one signal, then benchmarks the pick).
+    judge = select_tasks(tasks, select.task)
     candidates = [Candidate(v, r) for v, r in sweep.candidates()]
     plans = [build_plan(c.recipe, output, recipe_dir) for c in candidates]  # headers only: all problems first
     first = plans[0]
@@ -279,7 +298,7 @@ def run_sweep(
     for i, (cand, plan) in enumerate(zip(candidates, plans)):
         t1 = time.perf_counter()
         set_weights(model, plan, compute)
-        cand.results, cand.higher_is_better = summarize(evaluate(model, tokenizer, tasks, settings))
+        cand.results, cand.higher_is_better = summarize(evaluate(model, tokenizer, judge, settings))
         cand.score, cand.stderr, hib = _score(cand.results, cand.higher_is_better, select)
         if cand.score is None:
             from weightx.validate.gates import available

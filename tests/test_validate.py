@@ -214,3 +214,19 @@ def test_bundled_tasks_have_absolute_data_paths_and_smoke_group(tmp_path, monkey
     assert list(loaded.groups) == ["weightx_smoke"]
     sizes = {n: len(t.eval_docs) for n, t in loaded.tasks.items()}
     assert sizes == {"weightx_mc": 40, "weightx_gen": 30, "weightx_ppl": 10}
+
+
+def test_python_api_validates_and_raises_on_a_failed_gate(tmp_path):
+    import weightx
+    from weightx.validate.report import GateFailed
+
+    data = yaml.safe_load(write_recipe(tmp_path, tasks=["weightx_ppl"], limit=2, compare=[],
+                                       require={"weightx_ppl/bits_per_byte": "< 100"}).read_text())
+    result = weightx.apply(data)
+    assert result.extra["validation"]["passed"] is True
+    assert set(result.extra["validation"]["results"]["output"]) == {"weightx_ppl"}
+    data["validate"]["require"] = {"weightx_ppl/bits_per_byte": "< 0"}
+    with pytest.raises(GateFailed) as e:
+        weightx.apply(data, overwrite=True)
+    assert e.value.validation.passed is False and e.value.exit_code == 1
+    assert json.loads((tmp_path / "out" / "weightx.json").read_text())["validation"]["passed"] is False

@@ -81,7 +81,10 @@ def load_model(path: str | Path, settings: EvalSettings) -> tuple[Any, Any]:
     except (OSError, ValueError) as e:
         raise InputError(f"cannot evaluate {path}: no usable tokenizer there ({' '.join(str(e).split())[:160]})") from None
     dtype = torch_dtype(settings, stored_dtype(path))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"cannot evaluate {path}: transformers cannot load it as a causal LM ({' '.join(str(e).split())[:200]})") from None
     return model.to(torch_device(settings)).eval(), tokenizer
 
 

@@ -54,6 +54,22 @@ def test_topk_mask_equals_a_full_stable_sort(kind):
         assert np.array_equal(got, np_topk_mask(x, k)), (kind, trial)
 
 
+def test_trim_in_place_equals_the_mask():
+    """`trim_` (int32 bit ops on the float bits) gives the same values as x · topk_mask(x, k)."""
+    rs = np.random.default_rng(7)
+    for trial in range(300):
+        n = int(rs.integers(1, 300))
+        x = (rs.integers(-3, 4, size=n) * 0.5 if trial % 2 else rs.normal(size=n)).astype(np.float32)
+        if trial % 5 == 0:
+            x[rs.random(n) < 0.5] = -0.0
+        density = float(rs.choice([0.05, 0.2, 0.5, 0.9, 1.0]))
+        t = torch.tensor(x)
+        topk.trim_(t, density)
+        want = np.where(np_topk_mask(x, np_keep_count(density, n)), x, 0)
+        assert np.array_equal(t.numpy(), want), trial
+        assert not np.signbit(t.numpy()[want == 0]).any() or density == 1.0  # dropped → +0.0
+
+
 def test_keep_count_is_exact_in_decimal_and_at_least_one():
     assert topk.keep_count(0.29, 100) == 29  # int(0.29 * 100) == 28 in floating point
     assert int(0.29 * 100) == 28

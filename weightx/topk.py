@@ -5,7 +5,7 @@ For non-negative IEEE floats the bit pattern, read as an integer, orders like th
 1. histogram the high 15 bits (32 768 buckets) and find the bucket holding the k-th largest;
 2. histogram the low 16 bits of that bucket's members only, which gives the exact threshold;
 3. keep everything above the threshold, and as many entries equal to it as are still needed,
-   lowest flat index first.
+   lowest flat index first (the index list is only built when some ties must be left out).
 Cost is a few linear passes and one int32 temporary, instead of the O(n log n) argsort mergekit
 uses (its TIES spends most of its time there). Every step is integer arithmetic, so the selected
 set is the same on every device and run.
@@ -44,34 +44,17 @@ def _kth_bucket(counts: torch.Tensor, k: int) -> tuple[int, int]:
     return b, above
 
 
-def threshold_bits(x: torch.Tensor, k: int) -> tuple[int, int]:
-    """(v, r): the k-th largest |x| as float32 bits v, and how many entries equal to it to keep.
-
-    x is float32 and contiguous; 1 ≤ k ≤ numel.
-    """
+def threshold_bits(x: torch.Tensor, k: int) -> tuple[int, int, int]:
+    """(v, r, e): the k-th largest |x| as float32 bits v, how many entries equal to it to keep (r),
+    and how many there are (e). x is float32 and contiguous; 1 ≤ k ≤ numel."""
     bits = x.reshape(-1).view(torch.int32)
     hi = torch.bitwise_right_shift(bits, 16).bitwise_and_(_ABS >> 16)  # 15 bits; masks the sign
     b, above = _kth_bucket(torch.bincount(hi, minlength=1 << 15), k)
     members = bits[hi == b]
     del hi
-    lo = members.bitwise_and_(0xFFFF)
-    l, above_lo = _kth_bucket(torch.bincount(lo, minlength=1 << 16), k - above)
-    return (b << 16) | l, k - above - above_lo
-
-
-def _select(x: torch.Tensor, k: int, *, exact_zeros: bool) -> torch.Tensor:
-    x = x.contiguous()
-    v, r = threshold_bits(x, k)
-    mags = x.reshape(-1).view(torch.int32).bitwise_and(_ABS)
-    keep = mags > v
-    if v == 0 and not exact_zeros:
-        # The remaining picks would all be zeros, which change no value: skip them rather than
-        # build the index list of what may be most of the tensor.
-        return keep.view(x.shape)
-    ties = torch.nonzero(mags == v).view(-1)
-    del mags
-    keep[ties[:r]] = True
-    return keep.view(x.shape)
+    counts = torch.bincount(members.bitwise_and_(0xFFFF), minlength=1 << 16)
+    lo, above_lo = _kth_bucket(counts, k - above)
+    return (b << 16) | lo, k - above - above_lo, int(counts[lo])
 
 
 def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -80,18 +63,43 @@ def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
         return torch.ones(x.shape, dtype=torch.bool, device=x.device)
     if k <= 0:
         return torch.zeros(x.shape, dtype=torch.bool, device=x.device)
-    return _select(x, k, exact_zeros=True)
+    x = x.contiguous()
+    v, r, e = threshold_bits(x, k)
+    mags = x.reshape(-1).view(torch.int32).bitwise_and(_ABS)
+    if r == e:
+        return (mags >= v).view(x.shape)  # every tie at the threshold is kept
+    keep = mags > v
+    keep[torch.nonzero(mags == v).view(-1)[:r]] = True
+    return keep.view(x.shape)
 
 
 def trim_(x: torch.Tensor, density: float) -> torch.Tensor:
     """Zero all but the top-`density` fraction of |x| in place (exact count, see module doc).
 
-    Equal in value to `x * topk_mask(x, k)`; when the threshold is 0 the zeros it would keep are
-    not tracked, since keeping a zero changes nothing.
+    Equal in value to `x * topk_mask(x, k)`. Works on the float bits with int32 ops only (bool →
+    float conversions and masked_fill_ are several times slower on CPU for big tensors).
     """
     k = keep_count(density, x.numel())
     if k >= x.numel():
         return x
     if k == 0:
         return x.zero_()
-    return x.masked_fill_(_select(x, k, exact_zeros=False).logical_not_(), 0.0)
+    if not x.is_contiguous():
+        return x.copy_(trim_(x.contiguous(), density))
+    v, r, e = threshold_bits(x, k)
+    bits = x.view(-1).view(torch.int32)
+    mags = bits.bitwise_and(_ABS)
+    # Keep |x| > thr; with every tie at v kept, thr = v − 1 (≥ −1). Zeros need no tie-break:
+    # keeping a zero changes no value.
+    partial = r < e and v != 0
+    thr = v if r < e else v - 1
+    if partial:
+        ties = torch.nonzero(mags == v).view(-1)[:r]
+        saved = bits[ties]
+    # thr − mags < 0 ⇔ keep; it fits int32 (both in [−1, 2³¹)), and >> 31 turns the sign into an
+    # all-ones (keep) or all-zeros (drop) word to AND with the float bits.
+    mask = mags.neg_().add_(thr).bitwise_right_shift_(31)
+    bits.bitwise_and_(mask)
+    if partial:
+        bits[ties] = saved
+    return x

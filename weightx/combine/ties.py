@@ -42,6 +42,7 @@ def ties(
     scale: float = 1.0,
 ) -> torch.Tensor:
     """TIES over same-shaped float32 deltas; the deltas are modified in place."""
+    deltas = [d.contiguous() for d in deltas]
     for d, w in zip(deltas, weights):
         trim_(d, density)
         if w != 1.0:
@@ -49,18 +50,26 @@ def ties(
     mass = deltas[0].clone()
     for d in deltas[1:]:
         mass.add_(d)
-    positive = mass >= 0  # elected +1; a zero sum counts as +1 here ...
-    if zero_sign == "majority":
-        n_pos, n_neg = int((mass > 0).sum()), int((mass < 0).sum())
-        if n_neg > n_pos:  # ... unless most of the tensor elects −1
-            positive.logical_and_(mass != 0)
+    # The elected sign as a sign bit: `neg` is all ones (−1) where the election says −, else 0.
+    # Adding +0.0 turns a −0.0 sum into +0.0, so a zero sum elects + (mergekit's `sum >= 0`).
+    if zero_sign == "majority" and int((mass < 0).sum()) > int((mass > 0).sum()):
+        # Most of the tensor elects −: a zero sum does too, i.e. − wherever −sum ≥ 0.
+        neg = mass.neg_().add_(0.0).view(torch.int32).bitwise_right_shift(31).bitwise_not_()
+    else:
+        neg = mass.add_(0.0).view(torch.int32).bitwise_right_shift(31)
     merged = mass.zero_()  # reuse the buffer
     divisor = torch.zeros_like(merged) if normalize else None
+    differ = torch.empty_like(neg)
     for d, w in zip(deltas, weights):
-        agree = torch.where(positive, d > 0, d < 0)
-        merged.add_(d.masked_fill_(agree.logical_not(), 0.0))
+        # Zero every entry whose sign bit differs from the elected one, with int32 ops on the float
+        # bits (bool masks → float are slow on CPU). Zeros stay zero, so afterwards the non-zero
+        # entries are exactly the agreeing ones.
+        bits = d.view(torch.int32)
+        torch.bitwise_xor(bits, neg, out=differ)
+        bits.bitwise_and_(differ.bitwise_right_shift_(31).bitwise_not_())
+        merged.add_(d)
         if divisor is not None:
-            divisor.add_(agree, alpha=w)
+            divisor.add_(torch.abs(d, out=differ.view(torch.float32)).sign_(), alpha=w)  # w·[d ≠ 0]
     if divisor is not None:
         merged.div_(divisor.masked_fill_(divisor == 0, 1.0))
     if scale != 1.0:

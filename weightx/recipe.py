@@ -93,12 +93,17 @@ _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 
 def parse_size(value: int | str) -> int:
     """'5GB' → 5·10⁹ (decimal like huggingface_hub), '5GiB' → 5·2³⁰, ints are bytes."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a size: {value!r} (use e.g. 5GB, 500MB or a byte count)")
     if isinstance(value, int):
         return value
     m = SIZE_RE.match(value)
     if not m:
         raise ValueError(f"not a size: {value!r} (use e.g. 5GB, 500MB or a byte count)")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
+    size = float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()]
+    if not math.isfinite(size):
+        raise ValueError(f"not a size: {value!r} is too large")
+    return int(size)
 
 
 class OutputSpec(_Strict):
@@ -110,6 +115,13 @@ class OutputSpec(_Strict):
     # A NaN/Inf in a computed output tensor (from an input, or an overflow): "error" stops the run
     # naming the tensor and the input that holds it; "warn" reports it and writes the output anyway.
     on_nonfinite: Literal["error", "warn"] = "error"
+
+    @field_validator("shard_size", mode="before")
+    @classmethod
+    def _not_bool(cls, v: Any) -> Any:
+        if isinstance(v, bool):  # pydantic would take true as 1 byte
+            raise ValueError(f"not a size: {v!r} (use e.g. 5GB, 500MB or a byte count)")
+        return v
 
     @field_validator("shard_size")
     @classmethod
@@ -242,7 +254,7 @@ def reference_problems(data: Any) -> list[tuple[str, str]]:
         return []
     models = data.get("models")
     aliases = set(models) if isinstance(models, dict) else set()
-    known = ", ".join(sorted(aliases)) or "none"
+    known = ", ".join(sorted(map(str, aliases))) or "none"
     problems: list[tuple[str, str]] = []
 
     def check(loc: str, alias: Any) -> None:
@@ -437,6 +449,8 @@ def read_yaml(path: str | Path) -> Any:
         return _safe_load(text)
     except (yaml.YAMLError, RecursionError) as e:
         raise UsageError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from None
+    except (ValueError, OverflowError, TypeError) as e:  # a scalar PyYAML cannot build: 2001-13-45, 5000-digit ints
+        raise UsageError(f"{path}: invalid YAML value: {' '.join(str(e).split())[:200]}") from None
 
 
 def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
@@ -446,9 +460,9 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
         if not sep or not key:
             raise UsageError(f"--set {item!r}: expected key.path=value, e.g. deltas.0.weight=1.5")
         try:
-            value = yaml.safe_load(raw) if raw else ""
-        except yaml.YAMLError:
-            value = raw
+            value = _safe_load(raw) if raw else ""
+        except (yaml.YAMLError, RecursionError, ValueError, OverflowError, TypeError):
+            value = raw  # not YAML: the value is the text itself
         node: Any = data
         parts = key.split(".")
         for i, part in enumerate(parts):

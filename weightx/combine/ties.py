@@ -50,26 +50,29 @@ def ties(
     mass = deltas[0].clone()
     for d in deltas[1:]:
         mass.add_(d)
-    # The elected sign as a sign bit: `neg` is all ones (−1) where the election says −, else 0.
-    # Adding +0.0 turns a −0.0 sum into +0.0, so a zero sum elects + (mergekit's `sum >= 0`).
+    # The elected sign as a sign bit, computed in place over the mass: `neg` is all ones (−1) where
+    # the election says −, else 0. Adding +0.0 turns a −0.0 sum into +0.0, so a zero sum elects +
+    # (mergekit's `sum >= 0`).
     if zero_sign == "majority" and int((mass < 0).sum()) > int((mass > 0).sum()):
         # Most of the tensor elects −: a zero sum does too, i.e. − wherever −sum ≥ 0.
-        neg = mass.neg_().add_(0.0).view(torch.int32).bitwise_right_shift(31).bitwise_not_()
+        neg = mass.neg_().add_(0.0).view(torch.int32).bitwise_right_shift_(31).bitwise_not_()
     else:
-        neg = mass.add_(0.0).view(torch.int32).bitwise_right_shift(31)
-    merged = mass.zero_()  # reuse the buffer
-    divisor = torch.zeros_like(merged) if normalize else None
-    differ = torch.empty_like(neg)
+        neg = mass.add_(0.0).view(torch.int32).bitwise_right_shift_(31)
+    divisor = torch.zeros_like(deltas[0]) if normalize else None
+    scratch = torch.empty_like(neg)
     for d, w in zip(deltas, weights):
         # Zero every entry whose sign bit differs from the elected one, with int32 ops on the float
         # bits (bool masks → float are slow on CPU). Zeros stay zero, so afterwards the non-zero
         # entries are exactly the agreeing ones.
         bits = d.view(torch.int32)
-        torch.bitwise_xor(bits, neg, out=differ)
-        bits.bitwise_and_(differ.bitwise_right_shift_(31).bitwise_not_())
-        merged.add_(d)
+        torch.bitwise_xor(bits, neg, out=scratch)
+        bits.bitwise_and_(scratch.bitwise_right_shift_(31).bitwise_not_())
         if divisor is not None:
-            divisor.add_(torch.abs(d, out=differ.view(torch.float32)).sign_(), alpha=w)  # w·[d ≠ 0]
+            divisor.add_(torch.abs(d, out=scratch.view(torch.float32)).sign_(), alpha=w)  # w·[d ≠ 0]
+    del neg, mass, scratch
+    merged = deltas[0]  # the first delta's buffer accumulates the sum
+    for d in deltas[1:]:
+        merged.add_(d)
     if divisor is not None:
         merged.div_(divisor.masked_fill_(divisor == 0, 1.0))
     if scale != 1.0:

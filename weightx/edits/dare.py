@@ -16,7 +16,11 @@ the whole tensor is scaled so its L1 norm equals the input's; skipped when eithe
 Randomness: entry i of tensor `name` is dropped when u(seed, name, i) < p, with u from the
 counter-based hash in `weightx.rng`; the mask is the same whatever the block size, tensor order,
 shard layout, process count or device. It does not reproduce MergeLM's or mergekit's masks
-(theirs come from torch's global generator).
+(theirs come from torch's global generator). The `l1` norms are float64 sums: identical across
+runs, layouts and thread counts here, but their summation order differs between CPU and CUDA, which
+could in rare cases move the float32 scale by one ulp.
+A mask depends on (seed, tensor name) only, so the same seed on two deltas drops the same positions
+in both; give each delta its own seed for independent masks.
 """
 
 from __future__ import annotations
@@ -35,6 +39,12 @@ UNIFIED_VIEW = "https://arxiv.org/abs/2410.13841"
 L1_EPS = 1e-7  # mergekit's guard against rescaling (near-)empty tensors
 
 Rescale = Literal["inverse_keep", "none", "l1"]
+
+
+def l1_norm(x: torch.Tensor, chunk: int = 1 << 22) -> float:
+    """Σ|x| accumulated in float64, a chunk at a time (no full-size temporary)."""
+    flat = x.reshape(-1)
+    return sum(float(flat[s : s + chunk].abs().sum(dtype=torch.float64)) for s in range(0, flat.numel(), chunk))
 
 
 def survivor_factor(drop: float, k: float, rescale: str) -> float:
@@ -66,7 +76,7 @@ def dare_(
     for s, mask in rng.drop_chunks(key, offset, flat.numel(), drop, flat.device):
         part = flat[s : s + mask.numel()]
         if rescale == "l1":
-            norm_in += float(part.abs().sum(dtype=torch.float64))
+            norm_in += l1_norm(part)
         if k == 0.0:
             part.masked_fill_(mask, 0.0)
             if keep != 1.0:
@@ -76,7 +86,7 @@ def dare_(
             # rounds exactly like the branch above.
             part.mul_(torch.where(mask, k, keep).to(part.dtype))
         if rescale == "l1":
-            norm_out += float(part.abs().sum(dtype=torch.float64))
+            norm_out += l1_norm(part)
     if rescale == "l1" and norm_in >= L1_EPS and norm_out >= L1_EPS:
         delta.mul_(norm_in / norm_out)
     return delta

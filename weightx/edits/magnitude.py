@@ -20,7 +20,7 @@ from pydantic import field_validator
 from pydantic_core import PydanticCustomError
 
 from weightx.edits.base import EditConfig, TensorContext
-from weightx.edits.dare import L1_EPS
+from weightx.edits.dare import L1_EPS, l1_norm
 from weightx.topk import trim_
 
 PAPER = "https://arxiv.org/abs/2306.01708"
@@ -28,12 +28,12 @@ PAPER = "https://arxiv.org/abs/2306.01708"
 
 def magnitude_(delta: torch.Tensor, density: float, rescale: Literal["none", "inverse_keep", "l1"] = "none") -> torch.Tensor:
     """Magnitude pruning in place (whole tensor)."""
-    norm_in = float(delta.abs().sum(dtype=torch.float64)) if rescale == "l1" else 0.0
+    norm_in = l1_norm(delta) if rescale == "l1" else 0.0
     delta = trim_(delta.contiguous(), density)
     if rescale == "inverse_keep" and density < 1.0:
         delta.mul_(1.0 / density)
     elif rescale == "l1":
-        norm_out = float(delta.abs().sum(dtype=torch.float64))
+        norm_out = l1_norm(delta)
         if norm_in >= L1_EPS and norm_out >= L1_EPS:
             delta.mul_(norm_in / norm_out)
     return delta

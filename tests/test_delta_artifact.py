@@ -97,6 +97,9 @@ def test_bitdelta_artifact_layout_and_record(family, tmp_path):
             assert float(scale[0]) == pytest.approx(np.abs(d).mean(), rel=1e-6)
             assert rec["tensors"][name]["shape"] == list(t.shape) and rec["tensors"][name]["dtype"] == "BF16"
             assert rec["tensors"][name]["scale"] == [pytest.approx(float(scale[0]))]
+            approx = np.where(d >= 0, 1.0, -1.0) * float(scale[0])
+            err = np.linalg.norm(d - approx) / np.linalg.norm(d)
+            assert rec["tensors"][name]["relative_error"] == pytest.approx(err, rel=1e-5)
         else:  # stored whole: the fine-tuned value, bit for bit
             assert same_bits({name: art[name]}, {name: t}) == []
     index = json.loads((tmp_path / "art" / "model.safetensors.index.json").read_text())

@@ -87,7 +87,10 @@ def test_encode_decode_round_trip_and_parts():
     e = Ternary(density=0.2)
     parts = e.encode(d, ctx(d.shape))
     specs = e.part_specs(tuple(d.shape))
-    assert {k: tuple(v.shape) for k, v in parts.items()} == {k: s for k, (_, s) in specs.items()}
+    assert {k: tuple(v.shape) for k, v in parts.items() if not k.startswith("_")} == {k: s for k, (_, s) in specs.items()}
+    approx = e.decode(parts, tuple(d.shape)).double()  # diagnostics: ⟨δ, δ̂⟩ and ‖δ̂‖² in closed form
+    assert float(parts["_dot"]) == pytest.approx(float((approx * d.double()).sum()), rel=1e-6)
+    assert float(parts["_sq"]) == pytest.approx(float((approx * approx).sum()), rel=1e-6)
     assert parts["packed"].dtype == parts["mask"].dtype == torch.uint8 and parts["scale"].dtype == torch.float32
     assert torch.equal(e.apply(d.clone(), ctx(d.shape)), e.decode(parts, tuple(d.shape)))
     assert e.codec_params(tuple(d.shape)) == {"codec": "ternary", "k": 462}

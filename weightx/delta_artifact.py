@@ -240,11 +240,16 @@ def compressed_parts(computer: TensorComputer, t: TensorPlan, stats: TensorStats
     parts = t.codec.encode(d, ctx)
     if stats is not None:
         target = float(torch.linalg.vector_norm(d))
-        approx = t.codec.decode(parts, t.shape).to(d.device)
-        err = float(torch.linalg.vector_norm(approx.sub_(d)))
+        if "_dot" in parts and "_sq" in parts:  # the codec's closed form: no decode needed
+            dot, sq = float(parts["_dot"]), float(parts["_sq"])
+        else:
+            approx = t.codec.decode(parts, t.shape).to(d.device)
+            dot, sq = float(torch.dot(approx.reshape(-1), d.reshape(-1))), float(torch.dot(approx.reshape(-1), approx.reshape(-1)))
+            del approx
+        err = max(target * target - 2 * dot + sq, 0.0) ** 0.5
         stats.delta_norm = {spec.model: before}
         stats.edited_norm = {spec.model: target}
-        stats.combined_norm = float(torch.linalg.vector_norm(t.codec.decode(parts, t.shape)))
+        stats.combined_norm = sq ** 0.5
         info: dict[str, Any] = {"relative_error": err / target if target else 0.0}
         scale = parts["scale"]
         if scale.numel() <= 16:

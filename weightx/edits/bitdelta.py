@@ -54,7 +54,10 @@ def binarize(
     planes, scales = [], []
     for j in range(bits):
         positive = r >= 0  # sign(0) = +1
-        a = r.abs().mean() if group == "tensor" else r.abs().mean(dim=-1)
+        # mean |r| as an L1 norm: one reduction, no |r| temporary the size of the matrix
+        n = r.shape[-1] if group == "row" else r.numel()
+        a = torch.linalg.vector_norm(r, 1) if group == "tensor" else torch.linalg.vector_norm(r, 1, dim=-1)
+        a = a / n
         planes.append(pack_bits(positive))
         scales.append(a)
         if j + 1 < bits:
@@ -128,10 +131,19 @@ class BitDelta(EditConfig):
 
     def encode(self, delta: torch.Tensor, ctx: TensorContext) -> dict[str, torch.Tensor]:
         packed, scale = binarize(delta, self.bits, self.group, self.scale_multiplier)
+        parts = {"packed": packed, "scale": scale}
         learned = self._learned.get(ctx.name)
         if learned is not None:
-            scale = learned.to(device=scale.device, dtype=torch.float32).reshape(scale.shape)
-        return {"packed": packed, "scale": scale}
+            parts["scale"] = learned.to(device=scale.device, dtype=torch.float32).reshape(scale.shape)
+        if self.bits == 1 and self.scale_multiplier != 0:
+            # Diagnostics for the error statistics, in closed form (no decode): with S = sign(δ),
+            # ⟨δ, αS⟩ = α·Σ|δ| and ‖αS‖² = n·α² per group. Keys starting with "_" are never stored.
+            count = delta.shape[-1] if self.group == "row" else delta.numel()
+            abs_sum = scale[0].double() / self.scale_multiplier * count
+            a = parts["scale"][0].double()
+            parts["_dot"] = (a * abs_sum).sum()
+            parts["_sq"] = (a * a).sum() * count
+        return parts
 
     def decode(self, parts: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
         return decode_parts(parts, shape)

@@ -54,16 +54,22 @@ def ternary_scale(delta: torch.Tensor, kept: torch.Tensor, scale: str, alpha: fl
 
 
 def ternarize(
-    delta: torch.Tensor, k: int, scale: str = "std", alpha: float = 1.0
+    delta: torch.Tensor, k: int, scale: str = "std", alpha: float = 1.0, diagnostics: dict | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """δ → (signs uint8 [⌈k/8⌉], positions uint8 (Elias–Fano), scale float32 [1])."""
+    """δ → (signs uint8 [⌈k/8⌉], positions uint8 (Elias–Fano), scale float32 [1]).
+
+    `diagnostics`, if given, receives ⟨δ, δ̂⟩ and ‖δ̂‖² (as "_dot", "_sq") for error statistics.
+    """
     flat = delta.reshape(-1).to(torch.float32)
     n = flat.numel()
-    keep = topk_mask(flat, k).logical_and_(flat != 0)
-    pos = torch.nonzero(keep).reshape(-1)
+    pos = torch.nonzero(topk_mask(flat, k).logical_and_(flat != 0)).reshape(-1)
     values = flat[pos]
     s = ternary_scale(flat, values, scale, alpha)
     positive = values >= 0
+    if diagnostics is not None:
+        s32 = float(torch.tensor(s, dtype=torch.float32))
+        diagnostics["_dot"] = torch.tensor(s32 * float(values.abs().sum(dtype=torch.float64)), dtype=torch.float64)
+        diagnostics["_sq"] = torch.tensor(values.numel() * s32 * s32, dtype=torch.float64)
     if pos.numel() < k:  # fewer non-zeros than slots: repeat the last one (or 0 for an all-zero delta)
         fill = k - pos.numel()
         last = pos[-1:] if pos.numel() else torch.zeros(1, dtype=torch.int64, device=flat.device)
@@ -119,8 +125,9 @@ class Ternary(EditConfig):
         return {"codec": "ternary", "k": self.keep(shape)}
 
     def encode(self, delta: torch.Tensor, ctx: TensorContext) -> dict[str, torch.Tensor]:
-        signs, positions, scale = ternarize(delta, self.keep(tuple(delta.shape)), self.scale, self.alpha)
-        return {"packed": signs, "mask": positions, "scale": scale}
+        diagnostics: dict[str, torch.Tensor] = {}
+        signs, positions, scale = ternarize(delta, self.keep(tuple(delta.shape)), self.scale, self.alpha, diagnostics)
+        return {"packed": signs, "mask": positions, "scale": scale, **diagnostics}
 
     def decode(self, parts: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
         return decode_parts(parts, shape, k=self.keep(shape))

@@ -6,7 +6,7 @@ For non-negative IEEE floats the bit pattern, read as an integer, orders like th
 2. histogram the low 16 bits of that bucket's members only, which gives the exact threshold;
 3. keep everything above the threshold, and as many entries equal to it as are still needed,
    lowest flat index first (the index list is only built when some ties must be left out).
-Cost is a few linear passes and one int32 temporary, instead of the O(n log n) argsort mergekit
+Cost is a few linear passes and one int32 and one bool temporary, instead of the O(n log n) argsort mergekit
 uses (its TIES spends most of its time there). Every step is integer arithmetic, so the selected
 set is the same on every device and run.
 
@@ -44,14 +44,32 @@ def _kth_bucket(counts: torch.Tensor, k: int) -> tuple[int, int]:
     return b, above
 
 
-def threshold_bits(x: torch.Tensor, k: int) -> tuple[int, int, int]:
+class Workspace:
+    """Reusable int32 and bool buffers for selections over tensors of up to `n` elements.
+
+    Fresh multi-hundred-MB temporaries cost page faults on every use; TIES trims several deltas of
+    the same shape and reuses one workspace for all of them (and for its own sign arithmetic)."""
+
+    def __init__(self, n: int, device: torch.device):
+        self.ints = torch.empty(n, dtype=torch.int32, device=device)
+        self.flags = torch.empty(n, dtype=torch.bool, device=device)
+
+    @classmethod
+    def for_tensor(cls, x: torch.Tensor, ws: "Workspace | None") -> "Workspace":
+        if ws is not None and ws.ints.numel() >= x.numel() and ws.ints.device == x.device:
+            return ws
+        return cls(x.numel(), x.device)
+
+
+def threshold_bits(x: torch.Tensor, k: int, ws: Workspace | None = None) -> tuple[int, int, int]:
     """(v, r, e): the k-th largest |x| as float32 bits v, how many entries equal to it to keep (r),
     and how many there are (e). x is float32 and contiguous; 1 ≤ k ≤ numel."""
+    ws = Workspace.for_tensor(x, ws)
+    n = x.numel()
     bits = x.reshape(-1).view(torch.int32)
-    hi = torch.bitwise_right_shift(bits, 16).bitwise_and_(_ABS >> 16)  # 15 bits; masks the sign
+    hi = torch.bitwise_right_shift(bits, 16, out=ws.ints[:n]).bitwise_and_(_ABS >> 16)  # 15 bits, no sign
     b, above = _kth_bucket(torch.bincount(hi, minlength=1 << 15), k)
-    members = bits[hi == b]
-    del hi
+    members = bits[torch.eq(hi, b, out=ws.flags[:n])]
     counts = torch.bincount(members.bitwise_and_(0xFFFF), minlength=1 << 16)
     lo, above_lo = _kth_bucket(counts, k - above)
     return (b << 16) | lo, k - above - above_lo, int(counts[lo])
@@ -73,7 +91,7 @@ def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     return keep.view(x.shape)
 
 
-def trim_(x: torch.Tensor, density: float) -> torch.Tensor:
+def trim_(x: torch.Tensor, density: float, ws: Workspace | None = None) -> torch.Tensor:
     """Zero all but the top-`density` fraction of |x| in place (exact count, see module doc).
 
     Equal in value to `x * topk_mask(x, k)`. Works on the float bits with int32 ops only (bool →
@@ -85,16 +103,18 @@ def trim_(x: torch.Tensor, density: float) -> torch.Tensor:
     if k == 0:
         return x.zero_()
     if not x.is_contiguous():
-        return x.copy_(trim_(x.contiguous(), density))
-    v, r, e = threshold_bits(x, k)
+        return x.copy_(trim_(x.contiguous(), density, ws))
+    ws = Workspace.for_tensor(x, ws)
+    n = x.numel()
+    v, r, e = threshold_bits(x, k, ws)
     bits = x.view(-1).view(torch.int32)
-    mags = bits.bitwise_and(_ABS)
+    mags = torch.bitwise_and(bits, _ABS, out=ws.ints[:n])
     # Keep |x| > thr; with every tie at v kept, thr = v − 1 (≥ −1). Zeros need no tie-break:
     # keeping a zero changes no value.
     partial = r < e and v != 0
     thr = v if r < e else v - 1
     if partial:
-        ties = torch.nonzero(mags == v).view(-1)[:r]
+        ties = torch.nonzero(torch.eq(mags, v, out=ws.flags[:n])).view(-1)[:r]
         saved = bits[ties]
     # thr − mags < 0 ⇔ keep; it fits int32 (both in [−1, 2³¹)), and >> 31 turns the sign into an
     # all-ones (keep) or all-zeros (drop) word to AND with the float bits.

@@ -27,7 +27,7 @@ from pydantic import field_validator
 from weightx.combine.base import CombineConfig
 from weightx.edits.base import TensorContext
 from weightx.edits.magnitude import check_density
-from weightx.topk import trim_
+from weightx.topk import Workspace, trim_
 
 PAPER = "https://arxiv.org/abs/2306.01708"
 
@@ -41,10 +41,13 @@ def ties(
     normalize: bool = True,
     scale: float = 1.0,
 ) -> torch.Tensor:
-    """TIES over same-shaped float32 deltas; the deltas are modified in place."""
+    """TIES over same-shaped float32 deltas; the deltas are modified in place.
+
+    Whole-tensor temporaries: one float32 (the mass, then the divisor), one int32 and one bool."""
     deltas = [d.contiguous() for d in deltas]
+    ws = Workspace.for_tensor(deltas[0], None)
     for d, w in zip(deltas, weights):
-        trim_(d, density)
+        trim_(d, density, ws)
         if w != 1.0:
             d.mul_(w)
     mass = deltas[0].clone()
@@ -58,23 +61,26 @@ def ties(
         neg = mass.neg_().add_(0.0).view(torch.int32).bitwise_right_shift_(31).bitwise_not_()
     else:
         neg = mass.add_(0.0).view(torch.int32).bitwise_right_shift_(31)
-    divisor = torch.zeros_like(deltas[0]) if normalize else None
-    scratch = torch.empty_like(neg)
-    for d, w in zip(deltas, weights):
+    scratch = ws.ints[: mass.numel()].view(mass.shape)
+    for d in deltas:
         # Zero every entry whose sign bit differs from the elected one, with int32 ops on the float
         # bits (bool masks → float are slow on CPU). Zeros stay zero, so afterwards the non-zero
         # entries are exactly the agreeing ones.
         bits = d.view(torch.int32)
         torch.bitwise_xor(bits, neg, out=scratch)
         bits.bitwise_and_(scratch.bitwise_right_shift_(31).bitwise_not_())
-        if divisor is not None:
-            divisor.add_(torch.abs(d, out=scratch.view(torch.float32)).sign_(), alpha=w)  # w·[d ≠ 0]
-    del neg, mass, scratch
+    if normalize:
+        divisor = mass.zero_()  # the mass buffer, no longer needed as such
+        agree = scratch.view(torch.float32)
+        for d, w in zip(deltas, weights):
+            divisor.add_(torch.abs(d, out=agree).sign_(), alpha=w)  # w·[d ≠ 0]
+        zero = torch.eq(divisor, 0, out=ws.flags[: divisor.numel()].view(divisor.shape))
+        divisor.masked_fill_(zero, 1.0)
     merged = deltas[0]  # the first delta's buffer accumulates the sum
     for d in deltas[1:]:
         merged.add_(d)
-    if divisor is not None:
-        merged.div_(divisor.masked_fill_(divisor == 0, 1.0))
+    if normalize:
+        merged.div_(divisor)
     if scale != 1.0:
         merged.mul_(scale)
     return merged

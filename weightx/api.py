@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,11 +14,23 @@ from typing import Any, Callable
 from weightx import __version__
 from weightx.card import render_card
 from weightx.engine import TensorStats, pick_device, write_shards
-from weightx.output import copy_config, discard, finalize, make_temp, write_json
+from weightx.output import copy_config, discard, finalize, write_json
 from weightx.plan import Plan, build_plan
 from weightx.provenance import Hasher
 from weightx.recipe import Recipe, load_recipe
 from weightx.safetensors_io import DTYPES
+
+
+def torch_device(name: str):
+    import torch
+
+    return torch.device(name)
+
+
+def cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 @dataclass
@@ -54,59 +67,140 @@ def _progress_bar(total: int, enabled: bool | None) -> tuple[Callable[[int], Non
     return bar.update, bar.close
 
 
+def _input_files(plan: Plan, shards: list) -> set[Path]:
+    """The local input files the tensors of `shards` read."""
+    files = set()
+    for shard in shards:
+        for t in shard.tensors:
+            srcs = [plan.base] + [s for _, s in plan.deltas] if t.edit else [plan.config_source]
+            for src in srcs:
+                if src.kind != "hub" and t.name in src.weight_map:
+                    files.add(src.headers[src.weight_map[t.name]].path)
+    return files
+
+
+def _record(plan: Plan, tmp: Path, stats: dict[str, TensorStats], hashes: dict[str, str], dev: str, seconds: float) -> dict:
+    """Everything after the shards: config, index, weightx.json content, card. Runs on one rank."""
+    r = plan.recipe
+    out_dtypes = {t.out_dtype for t in plan.tensors if t.edit}
+    cfg_dtype = _dtype_name(next(iter(out_dtypes))) if len(out_dtypes) == 1 else None
+    if plan.config_source.has_config:
+        copy_config(plan.config_source.root, tmp, cfg_dtype)
+    weight_map = {o.name: s.filename for s in plan.shards for t in s.tensors for o in t.outs}
+    write_json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": plan.total_size}, "weight_map": dict(sorted(weight_map.items()))})
+    recipe_form = r.recipe_form()
+    recipe_form.setdefault("output", {})["path"] = str(plan.out_path)
+    doc = {
+        "weightx_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "status": "complete",
+        "recipe": recipe_form,
+        "inputs": _inputs_record(plan, hashes),
+        "output": {
+            "format": r.output.format,
+            "dtype": cfg_dtype or sorted(_dtype_name(c) for c in out_dtypes),
+            "total_size": plan.total_size,
+            "shards": [{"file": s.filename, "size": (tmp / s.filename).stat().st_size, "tensors": len(s.tensors)} for s in plan.shards],
+            "tensor_count": len(plan.tensors),
+            "parameter_count": plan.parameter_count,
+        },
+        "device": dev,
+        "seconds": round(seconds, 3),
+        "tensors": {k: v.as_dict() for k, v in sorted(stats.items())},
+    }
+    from weightx.delta_artifact import finish_record  # artifact base check, delta encoding record, distill losses
+
+    finish_record(plan, doc, stats, hashes)
+    return doc
+
+
 def execute(plan: Plan, *, device: str = "auto", overwrite: bool = False, progress: bool | None = None) -> ApplyResult:
-    """Run a plan to a finished output folder."""
+    """Run a plan to a finished output folder; under torchrun, each rank writes its share of shards."""
+    from weightx.distributed import RankFailed, assign, detect
+
     t0 = time.perf_counter()
+    ranks = detect()
     dev = pick_device(device)
-    local = sorted({h.path for s in plan.sources.values() if s.kind != "hub" for h in s.headers.values()})
-    hasher = Hasher(local)
-    tmp = make_temp(plan.out_path, overwrite)
-    update, close_bar = _progress_bar(plan.total_size, progress)
+    if dev.type == "cuda" and ranks.active and dev.index is None:
+        dev = torch_device(f"cuda:{ranks.local_rank % max(1, cuda_count())}")
+    mine = [plan.shards[i] for i in assign([s.nbytes for s in plan.shards], ranks.world)[ranks.rank]]
+    # Each input file is hashed by the lowest rank that reads it, so no rank reads more than it needs.
+    needs = ranks.gather(sorted(str(p) for p in _input_files(plan, mine)))
+    owners = ranks.broadcast({f: r for r in reversed(range(len(needs))) for f in needs[r]} if ranks.is_main else None)
+    hasher = Hasher(sorted(Path(f) for f, r in owners.items() if r == ranks.rank))
+    from weightx.resume import ResumeLog, clear, fingerprint, start_output
+
+    fp = fingerprint(plan, dev.type)
+    held = contextlib.ExitStack()  # rank 0's output lock; released in the last finally
+    tmp_name, adopted = ranks.on_main(lambda: start_output(plan.out_path, overwrite, held, fp, {s.filename for s in plan.shards}))
+    tmp = Path(tmp_name)
+    log = ResumeLog(plan, tmp, fp, ranks.rank, adopted)  # shards finished by a killed run were verified and kept
+    update, close_bar = _progress_bar(sum(s.nbytes for s in mine), progress if ranks.is_main else False)
+    error: BaseException | None = None
+    stats: dict[str, TensorStats] = {}
+    hashes: dict[str, str] = {}
     try:
+        if os.environ.get("WEIGHTX_TEST_FAIL_RANK") == str(ranks.rank) and ranks.active:
+            raise RuntimeError(f"injected failure on rank {ranks.rank}")  # for the scale-out tests
         if any(getattr(e, "distill", None) is not None for d in plan.recipe.deltas for e in d.edits):
             from weightx.distill import distill_plan  # BitDelta scale distillation, before any writing
 
             distill_plan(plan, dev)
-        stats = write_shards(plan, tmp, dev, update)
+        stats = write_shards(plan, tmp, dev, update, shards=[s for s in mine if s.filename not in adopted], on_shard=log.add)
+        stats.update(log.stats({s.filename for s in mine} & set(adopted)))
+        hashes = hasher.result()
+    except BaseException as e:
+        error = e
+    finally:
         close_bar()
-        r = plan.recipe
-        out_dtypes = {t.out_dtype for t in plan.tensors if t.edit}
-        cfg_dtype = _dtype_name(next(iter(out_dtypes))) if len(out_dtypes) == 1 else None
-        if plan.config_source.has_config:
-            copy_config(plan.config_source.root, tmp, cfg_dtype)
-        weight_map = {o.name: s.filename for s in plan.shards for t in s.tensors for o in t.outs}
-        write_json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": plan.total_size}, "weight_map": dict(sorted(weight_map.items()))})
-        recipe_form = r.recipe_form()
-        recipe_form.setdefault("output", {})["path"] = str(plan.out_path)
-        doc = {
-            "weightx_version": __version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "status": "complete",
-            "recipe": recipe_form,
-            "inputs": _inputs_record(plan, hasher.result()),
-            "output": {
-                "format": r.output.format,
-                "dtype": cfg_dtype or sorted(_dtype_name(c) for c in out_dtypes),
-                "total_size": plan.total_size,
-                "shards": [{"file": s.filename, "size": (tmp / s.filename).stat().st_size, "tensors": len(s.tensors)} for s in plan.shards],
-                "tensor_count": len(plan.tensors),
-                "parameter_count": plan.parameter_count,
-            },
-            "device": str(dev),
-            "seconds": round(time.perf_counter() - t0, 3),
-            "tensors": {k: v.as_dict() for k, v in stats.items()},
-        }
-        from weightx.delta_artifact import finish_record  # artifact base check, delta encoding record, distill losses
+    doc: dict = {}
+    try:
+        if not ranks.all_ok(error is None):
+            if ranks.is_main:
+                discard(tmp)
+            if error is not None:
+                raise _user_error(error, plan.out_path, tmp)
+            raise RankFailed("another rank failed; nothing was written (see its error above)")
+        parts = ranks.gather((stats, hashes, log.shards))
+        if ranks.is_main:
+            all_stats = {k: v for st, _, _ in parts for k, v in st.items()}
+            all_hashes = {k: v for _, hs, _ in parts for k, v in hs.items()}
+            written = {k: v for _, _, sh in parts for k, v in sh.items()}
+            try:
+                doc = _record(plan, tmp, all_stats, all_hashes, str(dev) if not ranks.active else f"{dev.type} ×{ranks.world} ranks", time.perf_counter() - t0)
+                for entry in doc["output"]["shards"]:  # hashed while written: `weightx verify` checks them
+                    entry["sha256"] = written[entry["file"]]["sha256"]
+                (tmp / "README.md").write_text(render_card(plan, doc), encoding="utf-8")  # from the record: has the hashes
+                write_json(tmp / "weightx.json", doc)  # last: its presence marks the folder complete
+                clear(tmp)
+                finalize(tmp, plan.out_path)
+            except BaseException as e:
+                discard(tmp)
+                raise _user_error(e, plan.out_path, tmp)
+        done = ranks.broadcast(bool(doc))
+        if not done:
+            raise RankFailed("rank 0 failed to finish the output; nothing was written")
+    finally:
+        ranks.close()
+        held.close()
+    result = ApplyResult(plan.out_path, plan.total_size, [s.filename for s in plan.shards], doc.get("tensors", {}),
+                         doc.get("seconds", round(time.perf_counter() - t0, 3)), plan)
+    if adopted:
+        result.extra["resumed"] = sorted(adopted)
+    return result
 
-        finish_record(plan, doc, stats, hasher.result())
-        (tmp / "README.md").write_text(render_card(plan, doc), encoding="utf-8")  # from the record: has the hashes
-        write_json(tmp / "weightx.json", doc)  # last: its presence marks the folder complete
-        finalize(tmp, plan.out_path)
-    except BaseException:
-        close_bar()
-        discard(tmp)
-        raise
-    return ApplyResult(plan.out_path, plan.total_size, [s.filename for s in plan.shards], doc["tensors"], doc["seconds"], plan)
+
+def _user_error(e: BaseException, out_path: Path, tmp: Path) -> BaseException:
+    """A full disk, quota or size limit while writing the output is one line, not a traceback."""
+    import errno
+
+    from weightx.errors import WeightxError
+    from weightx.output import write_failed
+
+    if isinstance(e, OSError) and not isinstance(e, WeightxError):
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS) or str(tmp) in str(e.filename or ""):
+            return write_failed(out_path, e)
+    return e
 
 
 def apply(

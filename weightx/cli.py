@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -12,8 +13,19 @@ class _Group(click.Group):
     """Turns user errors into one line and an exit status; anything else is a bug and keeps its traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        import warnings
+
         from weightx.errors import WeightxError
 
+        shown = warnings.showwarning
+
+        def one_line(message: Any, category: type, *args: Any, **kwargs: Any) -> None:
+            if category.__module__.startswith("weightx."):  # ours: one line like errors, no source location
+                click.echo(f"warning: {message}", err=True)
+            else:
+                shown(message, category, *args, **kwargs)
+
+        warnings.showwarning = one_line
         try:
             return super().invoke(ctx)
         except WeightxError as e:
@@ -64,7 +76,11 @@ def apply(recipe: str, output: str | None, device: str, overrides: tuple[str, ..
         click.echo(render_sweep(sweep))
         plan = build_plan(r, output, Path(recipe).parent)
     result = execute(plan, device=device, overwrite=overwrite, progress=progress)
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun, rank 0 alone reports, validates and publishes
     click.echo(f"wrote {result.path} ({human_bytes(result.total_size)} in {len(result.shards)} shard(s), {result.seconds:.1f} s)")
+    if result.extra.get("resumed"):
+        click.echo(f"resumed {len(result.extra['resumed'])} shard(s) finished by an interrupted run (verified by sha256)", err=True)
     if r.validate_ is not None and not no_validate:
         from weightx.validate.report import GateFailed, validate_output
         from weightx.validate.table import render_validation
@@ -124,6 +140,19 @@ def push(path: str, repo: str | None, private: bool, revision: str | None, commi
     result = push_folder(path, repo=repo, private=private, revision=revision, commit_message=commit_message,
                          token=token, dry_run=dry_run, force=force, log=lambda m: click.echo(m, err=True))
     click.echo(render_dry_run(result) if dry_run else render_push(result))
+
+
+@main.command()
+@click.argument("path", type=click.Path(file_okay=False))
+def verify(path: str) -> None:
+    """Re-hash the shards of a weightx output PATH against the sha256 in its weightx.json."""
+    from weightx.verify import render_verify
+    from weightx.verify import verify as verify_output
+
+    result = verify_output(path)
+    click.echo(render_verify(result))
+    if not result.passed:
+        sys.exit(1)
 
 
 @main.command("eval")

@@ -20,6 +20,7 @@ from weightx.edits.base import TensorContext
 from weightx.plan import Plan, TensorPlan
 from weightx.safetensors_io import DTYPES, MappedFile, ShardWriter
 from weightx.sources import Source
+from weightx.verify import nonfinite_block
 
 BLOCK_ELEMENTS = 1 << 20
 
@@ -135,7 +136,12 @@ class TensorComputer:
             combined = self.plan.recipe.combine.combine(deltas, list(self.weights), ctx).reshape(-1)
             if stats is not None:
                 sq_comb += _sq(combined)
-            out = base.add_(combined).to(out_dtype)
+            x = base.add_(combined)
+            out = x.to(out_dtype)
+            # NaN/Inf check at one reduction per block (a sum is ~30x cheaper than isfinite().all() on
+            # CPU); fp16 is summed after rounding, which can overflow it. See weightx.verify.
+            if not torch.isfinite((out if out_dtype == torch.float16 else x).sum(dtype=torch.float32)):
+                nonfinite_block(self, t, start, count, out, stats)
             yield out if out.device.type == "cpu" else out.cpu()
         if stats is not None:
             stats.delta_norm = {a: sq_before[i] ** 0.5 for i, a in enumerate(self.aliases)}
@@ -146,11 +152,12 @@ class TensorComputer:
 class _Writer(threading.Thread):
     """Drains (writer, tensor) items so disk writes overlap the next block's compute."""
 
-    def __init__(self, on_bytes: Callable[[int], None]):
+    def __init__(self, on_bytes: Callable[[int], None], on_shard: Callable[[ShardWriter], None] | None = None):
         super().__init__(name="weightx-writer", daemon=True)
         self.q: queue.Queue = queue.Queue(maxsize=8)
         self.error: BaseException | None = None
         self.on_bytes = on_bytes
+        self.on_shard = on_shard
 
     def run(self) -> None:
         while True:
@@ -163,6 +170,8 @@ class _Writer(threading.Thread):
             try:
                 if data is None:
                     writer.close()
+                    if self.on_shard is not None:  # the shard is complete and fsynced; writer.sha256 is set
+                        self.on_shard(writer)
                 else:
                     self.on_bytes(writer.write(data))
             except BaseException as e:
@@ -180,18 +189,24 @@ def write_shards(
     device: torch.device,
     progress: Callable[[int], None] = lambda n: None,
     block: int = BLOCK_ELEMENTS,
+    shards: list | None = None,
+    on_shard: Callable[[ShardWriter, dict[str, TensorStats]], None] | None = None,
 ) -> dict[str, TensorStats]:
-    """Compute every planned tensor and stream it into `folder`; return per-tensor stats."""
+    """Compute the planned tensors (of `shards`, default all) into `folder`; return per-tensor stats.
+
+    `on_shard(writer, stats)` runs on the writer thread once a shard is complete and fsynced (for
+    its hash and the resume record); the stats of that shard's tensors are final by then."""
     inputs = Inputs()
     computer = TensorComputer(plan, inputs, device, block)
-    writer = _Writer(progress)
-    writer.start()
     stats: dict[str, TensorStats] = {}
+    writer = _Writer(progress, (lambda sw: on_shard(sw, stats)) if on_shard is not None else None)
+    writer.start()
     open_writers: list[ShardWriter] = []
-    order = [t for s in plan.shards for t in s.tensors]
+    shards = plan.shards if shards is None else shards
+    order = [t for s in shards for t in s.tensors]
     nxt = 1
     try:
-        for shard in plan.shards:
+        for shard in shards:
             sw = ShardWriter(folder / shard.filename, [o for t in shard.tensors for o in t.outs])
             open_writers.append(sw)
             for t in shard.tensors:

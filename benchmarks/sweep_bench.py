@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--tasks", default="weightx_smoke")
     ap.add_argument("--limit", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--select", default="weightx_ppl/bits_per_byte")
+    ap.add_argument("--select", default="weightx_mc/acc")
     ap.add_argument("--compare", action="store_true", help="validate also evaluates the dpo input")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", type=Path, help="write the numbers here")
@@ -85,7 +85,9 @@ def main() -> None:
         sweep_doc = json.loads((work / "sweep-out" / "weightx.json").read_text())["sweep"]
         winner = alphas[sweep_doc["winner"]]
         single = json.loads((work / f"single-{winner:g}" / "weightx.json").read_text())["validation"]["results"]["output"]
-        same = single == sweep_doc["candidates"][sweep_doc["winner"]]["results"]
+        # Candidates are scored on the select task; the separate run measured every task.
+        measured = sweep_doc["candidates"][sweep_doc["winner"]]["results"]
+        same = all(single.get(task) == metrics for task, metrics in measured.items())
         result = {"alphas": alphas, "tasks": args.tasks, "limit": args.limit, "compare": args.compare,
                   "device": args.device, "sweep_seconds": round(sweep_s, 2),
                   "separate_seconds": [round(s, 2) for s in separate], "separate_total": round(total, 2),

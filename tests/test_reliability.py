@@ -240,6 +240,23 @@ def test_rerun_after_kill_resumes_verified_shards_byte_identical(zygote, medium,
     assert leftovers(out) == [] and not list(out.glob(".weightx-resume*"))
 
 
+def test_ctrl_c_keeps_finished_shards_for_the_rerun(zygote, medium, tmp_path):
+    out = tmp_path / "out"
+    r = medium_recipe(medium, tmp_path, out)
+    assert zygote.run("apply", str(r), "--output", str(tmp_path / "ref")).code == 0
+    pid, o, e = zygote.start("apply", str(r))
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(out.parent.glob(f".{out.name}.weightx-tmp-*/.weightx-resume-0.json")):
+        time.sleep(0.002)
+    os.kill(pid, signal.SIGINT)
+    run = zygote.wait(pid, o, e)
+    assert run.code == 130 and "interrupted; nothing was written" in run.stderr and "Traceback" not in run.stderr
+    assert not out.exists()
+    rerun = zygote.run("apply", str(r))
+    assert rerun.code == 0 and "resumed" in rerun.stderr, rerun.stderr
+    assert shard_bytes(out) == shard_bytes(tmp_path / "ref") and leftovers(out) == []
+
+
 def test_resume_skips_a_tampered_shard_and_other_recipes(zygote, medium, tmp_path):
     out = tmp_path / "out"
     r = medium_recipe(medium, tmp_path, out)

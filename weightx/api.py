@@ -156,7 +156,7 @@ def execute(plan: Plan, *, device: str = "auto", overwrite: bool = False, progre
     doc: dict = {}
     try:
         if not ranks.all_ok(error is None):
-            if ranks.is_main:
+            if ranks.is_main and not isinstance(error, KeyboardInterrupt):  # Ctrl-C keeps finished shards to resume
                 discard(tmp)
             if error is not None:
                 raise _user_error(error, plan.out_path, tmp)

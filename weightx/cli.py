@@ -32,7 +32,7 @@ class _Group(click.Group):
             click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
-            click.echo("interrupted; nothing was written to the output path", err=True)
+            click.echo("interrupted; nothing was written to the output path (rerunning an interrupted apply resumes from its finished shards)", err=True)
             sys.exit(130)
 
 

@@ -12,8 +12,8 @@
 Applying writes round(base + δ̂) into each compressed weight, exactly what a reconstruction with
 `weightx apply` holds (same float32 formula, one rounding), and copies the stored tensors
 (embeddings, lm_head, norms) over theirs. Removing subtracts δ̂ again; where rounding made that
-land one ulp off, the original value was recorded at apply time (a sparse list of fix-ups, a tiny
-fraction of the weights), so the base comes back bit for bit. The stored tensors' base values are
+land an ulp off (a few percent of bf16 weights), apply recorded the correction (`Fixup`: coded
+positions plus an int8 step, ~1.5 bytes each), so the base comes back bit for bit. The stored tensors' base values are
 kept while a delta is applied (they are the delta's own size). So switching between fine-tunes
 costs the deltas' bytes, not a model copy each.
 """
@@ -27,6 +27,7 @@ import torch
 
 from weightx.delta_artifact import ArtifactReader
 from weightx.errors import InputError
+from weightx.packing import ef_decode, ef_encode
 
 
 @dataclass
@@ -93,17 +94,57 @@ def load_delta(path: str | Path) -> DeltaArtifact:
 
 
 @dataclass
+class Fixup:
+    """Where round(round(base + δ̂) − δ̂) misses the base, and by how many steps of the bit pattern.
+
+    Misses are a few ulps at most (one, nearly always), and a few percent of the weights, so they are
+    kept as Elias–Fano positions plus an int8 step each (~1.5 bytes per miss instead of 10); the rare
+    larger misses keep their index and value.
+    """
+
+    n: int
+    positions: torch.Tensor  # uint8, Elias–Fano coded
+    steps: torch.Tensor  # int8: base bits − restored bits at each position
+    far_index: torch.Tensor
+    far_value: torch.Tensor
+
+    @classmethod
+    def between(cls, base: torch.Tensor, restored: torch.Tensor) -> Fixup:
+        want, got = _bits(base).reshape(-1), _bits(restored).reshape(-1)
+        off = torch.nonzero(want != got).reshape(-1)
+        step = want[off].to(torch.int64) - got[off].to(torch.int64)
+        near = step.abs() <= 127
+        far = off[~near]
+        return cls(want.numel(), ef_encode(off[near].cpu(), want.numel()), step[near].to(torch.int8).cpu(),
+                   far, base.reshape(-1)[far].clone())
+
+    def restore(self, x: torch.Tensor) -> None:
+        """Correct `x` (the round trip of the base) in place."""
+        bits = _bits(x).reshape(-1)
+        pos = ef_decode(self.positions, self.n, self.steps.numel()).to(x.device)
+        bits[pos] = (bits[pos].to(torch.int64) + self.steps.to(x.device, torch.int64)).to(bits.dtype)
+        x.reshape(-1)[self.far_index] = self.far_value
+
+    @property
+    def count(self) -> int:
+        return self.steps.numel() + self.far_index.numel()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.positions, self.steps, self.far_index, self.far_value))
+
+
+@dataclass
 class AppliedDelta:
     """What `remove_delta` needs to restore the base exactly."""
 
     delta: DeltaArtifact
-    fixups: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # flat index, base value
+    fixups: dict[str, Fixup] = field(default_factory=dict)
     saved: dict[str, torch.Tensor] = field(default_factory=dict)  # base values of the tensors stored whole
 
     @property
     def nbytes(self) -> int:
-        fix = sum(i.numel() * i.element_size() + v.numel() * v.element_size() for i, v in self.fixups.values())
-        return fix + sum(t.numel() * t.element_size() for t in self.saved.values())
+        return sum(f.nbytes for f in self.fixups.values()) + sum(t.numel() * t.element_size() for t in self.saved.values())
 
 
 def _bits(x: torch.Tensor) -> torch.Tensor:
@@ -137,9 +178,7 @@ def apply_delta(model: torch.nn.Module, delta: DeltaArtifact | str | Path) -> Ap
             p = params[name]
             d = delta.decode(name, p.device)
             new = (p.float() + d).to(p.dtype)  # the reconstruction's formula: float32 sum, one rounding
-            back = (new.float() - d).to(p.dtype)
-            off = torch.nonzero((_bits(back) != _bits(p.data)).reshape(-1)).reshape(-1)
-            applied.fixups[name] = (off, p.data.reshape(-1)[off].clone())
+            applied.fixups[name] = Fixup.between(p.data, (new.float() - d).to(p.dtype))
             p.data.copy_(new)
         for name, value in delta.whole.items():
             p = params[name]
@@ -164,8 +203,7 @@ def remove_delta(model: torch.nn.Module, applied: AppliedDelta | None = None) ->
             p = params[name]
             d = applied.delta.decode(name, p.device)
             p.data.copy_((p.float() - d).to(p.dtype))
-            off, values = applied.fixups[name]
-            p.data.reshape(-1)[off.to(p.device)] = values.to(p.device)
+            applied.fixups[name].restore(p.data)
         for name, value in applied.saved.items():
             params[name].data.copy_(value)
     stack.pop()

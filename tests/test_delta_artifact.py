@@ -301,3 +301,19 @@ def test_bundled_compression_recipes_run_offline(tmp_path):
     assert r.returncode == 0, r.stderr
     r = run_cli("inspect", str(tmp_path / "ternary"))
     assert "ternary ×14" in r.stdout
+
+
+def test_serving_fixups_restore_every_bit_pattern():
+    from weightx.serving import Fixup
+
+    gen = torch.Generator().manual_seed(0)
+    base = (torch.randn(300, 64, generator=gen) * 0.02)
+    base[:10] *= 1e-6  # tiny weights next to large deltas: misses of many ulps, some across zero
+    base = base.to(torch.bfloat16)
+    d = torch.randn(300, 64, generator=gen) * 3e-3
+    back = ((base.float() + d).to(torch.bfloat16).float() - d).to(torch.bfloat16)
+    fix = Fixup.between(base, back)
+    assert fix.count == int((back.view(torch.int16) != base.view(torch.int16)).sum()) > 0
+    assert fix.far_index.numel() > 0 and fix.steps.numel() > 0
+    fix.restore(back)
+    assert torch.equal(back.view(torch.int16), base.view(torch.int16))

@@ -32,10 +32,10 @@ def zygote(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def medium(tmp_path_factory):
-    """16 MB float32 pairs written as 16 one-tensor shards: a run lasts about a second, shard by shard."""
+    """12 MB float32 pairs written as 12 one-tensor shards: a run lasts about a second, shard by shard."""
     root = tmp_path_factory.mktemp("medium")
     g = torch.Generator().manual_seed(0)
-    base = {f"model.layers.{i}.mlp.weight": torch.randn(512, 512, generator=g) for i in range(16)}
+    base = {f"model.layers.{i}.mlp.weight": torch.randn(512, 512, generator=g) for i in range(12)}
     base["model.norm.weight"] = torch.ones(512)
     model = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}
     return write_model(root / "base", base, shards=2), write_model(root / "model", model, shards=2)
@@ -178,7 +178,7 @@ def test_sigkill_at_random_points_never_leaves_a_partial_output(zygote, medium, 
     while killed < KILLS and attempts < 3 * KILLS:
         attempts += 1
         pid, o, e = zygote.start("apply", str(r), "--overwrite")
-        time.sleep(rng.uniform(0.0, duration))
+        time.sleep(rng.uniform(0.0, 0.9 * duration))  # a resumed run is shorter than the reference
         writing = bool(leftovers(out))
         os.kill(pid, signal.SIGKILL)
         run = zygote.wait(pid, o, e)
@@ -229,7 +229,7 @@ def test_rerun_after_kill_resumes_verified_shards_byte_identical(zygote, medium,
     ref_record = json.loads((tmp_path / "ref" / "weightx.json").read_text())
 
     done = _kill_after_shards(zygote, r, out, 4)
-    assert 4 <= done < 16 and not out.exists()
+    assert 4 <= done < 12 and not out.exists()
     run = zygote.run("apply", str(r))
     assert run.code == 0, run.stderr
     n = int(run.stderr.split("resumed ")[1].split()[0])
@@ -263,9 +263,10 @@ def test_resume_skips_a_tampered_shard_and_other_recipes(zygote, medium, tmp_pat
     assert zygote.run("apply", str(r), "--output", str(tmp_path / "ref")).code == 0
     reference = shard_bytes(tmp_path / "ref")
 
-    done = _kill_after_shards(zygote, r, out, 3)
+    _kill_after_shards(zygote, r, out, 3)
     (stale,) = out.parent.glob(f".{out.name}.weightx-tmp-*")
-    first = sorted(json.loads((stale / ".weightx-resume-0.json").read_text())["shards"])[0]
+    recorded = sorted(json.loads((stale / ".weightx-resume-0.json").read_text())["shards"])  # final, after the kill
+    done, first = len(recorded), recorded[0]
     raw = bytearray((stale / first).read_bytes())
     raw[-3] ^= 0xFF  # bit rot in a shard recorded as finished
     (stale / first).write_bytes(bytes(raw))

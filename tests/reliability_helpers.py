@@ -88,7 +88,9 @@ class Zygote:
     def __init__(self, workdir: Path):
         self.workdir = workdir
         self.n = 0
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONWARNINGS": "default"}
+        # own hash/staging cache: killed runs must not litter (or read) the developer's ~/.cache/weightx
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONWARNINGS": "default",
+               "WEIGHTX_CACHE": str(workdir / "cache")}
         self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE_SRC], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, cwd=REPO, env=env)
         self.run("--version")  # wait for the imports, so that timings taken by tests exclude them

@@ -43,8 +43,12 @@ def _store_cache(new: dict[str, str]) -> None:
         data = _load_cache()
         data.update(new)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(json.dumps(data))
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # a full disk must not leave litter in the user's cache
+            raise
     except OSError:
         pass  # the cache is an optimisation only
 

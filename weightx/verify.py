@@ -13,12 +13,16 @@ writer computed while writing them.
 from __future__ import annotations
 
 import json
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from weightx.errors import InputError, UsageError, WeightxError
+
+
+_COUNT_LOCK = threading.Lock()  # blocks of one tensor may be computed on several threads
 
 
 class NonFiniteWarning(UserWarning):
@@ -63,7 +67,8 @@ def nonfinite_block(computer: Any, t: Any, start: int, count: int, out: Any, sta
                 f" recipe's weights or edit parameters overflow {str(out.dtype).removeprefix('torch.')}")
     if plan.recipe.output.on_nonfinite == "warn":
         if stats is not None:
-            stats.extra["nonfinite"] = stats.extra.get("nonfinite", 0) + n
+            with _COUNT_LOCK:
+                stats.extra["nonfinite"] = stats.extra.get("nonfinite", 0) + n
         warnings.warn(f"{what}; written anyway (output.on_nonfinite: warn)", NonFiniteWarning, stacklevel=2)
         return
     fix = "re-download or repair that checkpoint" if culprits else "lower them"

@@ -102,3 +102,87 @@ def test_size_below_one_fifteenth_of_bf16_at_density_0_2():
         nbytes = sum(np.prod(s) * (1 if dt == "U8" else 4) for dt, s in specs.values())
         assert nbytes <= np.prod(shape) * 2 / 15
         assert 8 * nbytes / np.prod(shape) == pytest.approx(1.05, abs=0.01)
+
+
+# ---- scope: global (end to end: the statistics pass runs before writing) ----------------------------
+
+
+def _global_recipe(fam, out, fmt="delta", **ternary):
+    return {"models": {"sft": str(fam["sft"]), "dpo": str(fam["dpo"])}, "base": "sft",
+            "deltas": [{"model": "dpo", "edits": [{"ternary": ternary}]}],
+            "output": {"path": str(out), "format": fmt, "shard_size": "60KB"}}
+
+
+def _decoded(path):
+    from weightx.sources import resolve
+
+    src = resolve("a", str(path))
+    return {n: src.artifact.decode(n).double().numpy() for n in src.artifact.codecs}
+
+
+@pytest.mark.parametrize("scale", ["std", "mean_abs_kept"])
+def test_global_scope_matches_a_flattened_numpy_reference(family, tmp_path, scale):
+    import json
+
+    import weightx.api as api
+    from weightx.plan import natural_key
+    from weightx.testing import load_state_dict
+
+    density = 0.137
+    api.apply(_global_recipe(family, tmp_path / "g", density=density, scope="global", scale=scale))
+    got = _decoded(tmp_path / "g")
+    base, ft = load_state_dict(family["sft"]), load_state_dict(family["dpo"])
+    names = sorted(got, key=natural_key)
+    deltas = [(ft[n].float() - base[n].float()).double().numpy().reshape(-1) for n in names]
+    tau = np.concatenate(deltas)
+    k = int(np.floor(density * tau.size))
+    order = np.lexsort((np.arange(tau.size), -np.abs(tau)))  # largest |τ| first, ties: lowest index
+    kept = np.zeros(tau.size, dtype=bool)
+    kept[order[:k]] = True
+    kept &= tau != 0
+    s = np.std(tau, ddof=1) if scale == "std" else np.abs(tau[kept]).mean()
+    want = np.where(kept, np.sign(tau) * s, 0.0)
+    at = 0
+    for n, d in zip(names, deltas):
+        w = want[at:at + d.size].reshape(got[n].shape)
+        at += d.size
+        assert ((got[n] != 0) == (w != 0)).all(), n
+        assert np.allclose(got[n], w, rtol=1e-6, atol=0), n
+    meta = json.loads((tmp_path / "g" / "weightx.json").read_text())
+    assert meta["ternary_global"]["kept"] == int(kept.sum()) and meta["ternary_global"]["parameters"] == tau.size
+    assert sum(t["k"] for t in meta["delta"]["tensors"].values()) == int(kept.sum())
+    # the exact cut fell inside a run of equal |τ| (bf16 deltas repeat values), so ties were split
+    cut = np.abs(tau[order[k - 1]])
+    assert (np.abs(tau) == cut).sum() > (np.abs(tau[order[:k]]) == cut).sum()
+
+
+def test_global_and_per_tensor_agree_on_one_tensor_and_differ_on_two(family, tmp_path):
+    import weightx.api as api
+    from weightx.testing import load_state_dict
+
+    one = ["model.layers.0.self_attn.q_proj.weight"]
+    api.apply(_global_recipe(family, tmp_path / "g1", scope="global", include=one))
+    api.apply(_global_recipe(family, tmp_path / "t1", scope="tensor", include=one))
+    a, b = load_state_dict(tmp_path / "g1"), load_state_dict(tmp_path / "t1")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    two = one + ["model.layers.0.input_layernorm.weight"]  # norm deltas are ~50x the projection's
+    api.apply(_global_recipe(family, tmp_path / "g2", scope="global", include=two))
+    api.apply(_global_recipe(family, tmp_path / "t2", scope="tensor", include=two))
+    g, t = _decoded(tmp_path / "g2"), _decoded(tmp_path / "t2")
+    norm = "model.layers.0.input_layernorm.weight"
+    # globally, the large norm deltas are all kept (but the exact zeros) before any projection entry
+    assert (t[norm] != 0).sum() == int(0.2 * 64) < (g[norm] != 0).sum()
+    assert (g[norm] != 0).sum() == (load_state_dict(family["dpo"])[norm] != load_state_dict(family["sft"])[norm]).sum()
+    assert not np.array_equal(g[one[0]], t[one[0]])
+
+
+def test_global_scope_dense_output_equals_its_reconstruction(family, tmp_path):
+    import weightx.api as api
+    from weightx.testing import load_state_dict
+
+    dense = api.apply(_global_recipe(family, tmp_path / "dense", fmt="dense", density=0.3, scope="global"))
+    api.apply(_global_recipe(family, tmp_path / "art", density=0.3, scope="global"))
+    rec = api.apply({"models": {"sft": str(family["sft"]), "art": str(tmp_path / "art")}, "base": "sft",
+                     "deltas": [{"model": "art"}], "output": {"path": str(tmp_path / "rec")}})
+    x, y = load_state_dict(dense.path), load_state_dict(rec.path)
+    assert all(torch.equal(x[k].view(torch.uint8), y[k].view(torch.uint8)) for k in x)

@@ -123,6 +123,9 @@ def execute(plan: Plan, *, device: str = "auto", overwrite: bool = False, progre
     dev = pick_device(device)
     if dev.type == "cuda" and ranks.active and dev.index is None:
         dev = torch_device(f"cuda:{ranks.local_rank % max(1, cuda_count())}")
+    from weightx.global_ternary import prepare  # global ternary statistics: may resize planned parts and shards
+
+    prepare(plan, dev)
     mine = [plan.shards[i] for i in assign([s.nbytes for s in plan.shards], ranks.world)[ranks.rank]]
     # Each input file is hashed by the lowest rank that reads it, so no rank reads more than it needs.
     needs = ranks.gather(sorted(str(p) for p in _input_files(plan, mine)))

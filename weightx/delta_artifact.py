@@ -127,6 +127,12 @@ def plan_compression(recipe: Recipe, sources: dict[str, Source], tensors: list[T
 
     edits = [e for d in recipe.deltas for e in d.edits]
     compressing = [e for e in edits if is_compressing(e)]
+    if any(getattr(e, "scope", None) == "global" for e in compressing):
+        from weightx.global_ternary import plan_problems
+
+        problems += plan_problems(recipe, tensors)
+        notes.append("ternary scope: global sizes are estimates until its statistics pass (two extra reads"
+                     " of the selected tensors) has run; the total compressed size changes little")
     distilled = [e for e in compressing if getattr(e, "distill", None) is not None]
     if distilled:
         from weightx.distill import plan_distill
@@ -163,7 +169,7 @@ def plan_compression(recipe: Recipe, sources: dict[str, Source], tensors: list[T
             continue
         codec = applied[-1]
         t.codec = codec
-        t.parts = [OutTensor(f"{t.name}.{sfx}", dt, shape) for sfx, (dt, shape) in codec.part_specs(t.shape).items()]
+        t.parts = [OutTensor(f"{t.name}.{sfx}", dt, shape) for sfx, (dt, shape) in codec.part_specs(t.shape, t.name).items()]
         clash = [p.name for p in t.parts if p.name in names]
         if clash:
             problems.append(f"tensor {clash[0]!r} exists in the model and would collide with a part of compressed {t.name!r}")
@@ -243,7 +249,7 @@ def compressed_parts(computer: TensorComputer, t: TensorPlan, stats: TensorStats
         if "_dot" in parts and "_sq" in parts:  # the codec's closed form: no decode needed
             dot, sq = float(parts["_dot"]), float(parts["_sq"])
         else:
-            approx = t.codec.decode(parts, t.shape).to(d.device)
+            approx = t.codec.decode(parts, t.shape, t.name).to(d.device)
             dot, sq = float(torch.dot(approx.reshape(-1), d.reshape(-1))), float(torch.dot(approx.reshape(-1), approx.reshape(-1)))
             del approx
         err = max(target * target - 2 * dot + sq, 0.0) ** 0.5
@@ -272,7 +278,7 @@ def delta_record(plan: Plan, inputs: dict, stats: dict[str, TensorStats]) -> dic
     for t in plan.tensors:
         if t.codec is None:
             continue
-        entry = {**t.codec.codec_params(t.shape), "shape": list(t.shape), "dtype": t.out_dtype}
+        entry = {**t.codec.codec_params(t.shape, t.name), "shape": list(t.shape), "dtype": t.out_dtype}
         st = stats.get(t.name)
         if st is not None:
             entry.update(st.extra)
@@ -380,6 +386,9 @@ def finish_record(plan: Plan, doc: dict, stats: dict[str, TensorStats], hashes: 
     runs = [e._distill_record for d in plan.recipe.deltas for e in d.edits if getattr(e, "_distill_record", None)]
     if runs:
         doc["distill"] = runs[0] if len(runs) == 1 else runs
+    stats_runs = [e._global_record for d in plan.recipe.deltas for e in d.edits if getattr(e, "_global_record", None)]
+    if stats_runs:
+        doc["ternary_global"] = stats_runs[0] if len(stats_runs) == 1 else stats_runs
 
 
 def verify_bases(plan: Plan, hashes: dict[str, str]) -> None:

@@ -119,14 +119,14 @@ class BitDelta(EditConfig):
     def applies_to(self, name: str, shape: tuple[int, ...]) -> bool:
         return len(shape) >= 1 and super().applies_to(name, shape)
 
-    def part_specs(self, shape: tuple[int, ...]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    def part_specs(self, shape: tuple[int, ...], name: str | None = None) -> dict[str, tuple[str, tuple[int, ...]]]:
         rows = tuple(shape[:-1])
         return {
             "packed": ("U8", (self.bits, *rows, packed_len(shape[-1]))),
             "scale": ("F32", (self.bits,) if self.group == "tensor" else (self.bits, *rows)),
         }
 
-    def codec_params(self, shape: tuple[int, ...]) -> dict:
+    def codec_params(self, shape: tuple[int, ...], name: str | None = None) -> dict:
         return {"codec": "bitdelta", "bits": self.bits, "group": self.group}
 
     def encode(self, delta: torch.Tensor, ctx: TensorContext) -> dict[str, torch.Tensor]:
@@ -145,7 +145,7 @@ class BitDelta(EditConfig):
             parts["_sq"] = (a * a).sum() * count
         return parts
 
-    def decode(self, parts: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    def decode(self, parts: dict[str, torch.Tensor], shape: tuple[int, ...], name: str | None = None) -> torch.Tensor:
         return decode_parts(parts, shape)
 
     def apply(self, delta: torch.Tensor, ctx: TensorContext) -> torch.Tensor:

@@ -12,13 +12,16 @@ Selection is `weightx.topk`: exactly k = ⌊density·n⌋ (at least 1) entries, 
 flat index. The reference keeps int(d·n) + 1 (an off-by-one it shares with TIES). Exact zeros are
 never kept: they have no sign, and ±s would change them.
 
-**Per tensor, not global (the default and only mode here).** The reference ranks every entry of
-the model together; weightx selects and scales each tensor on its own, because (1) a global
-threshold lets the layers with the largest deltas take the whole budget and can zero whole
-matrices whose deltas are small but matter (deltas differ across layers by an order of magnitude),
-(2) one σ for all tensors gives small-delta layers a step far larger than their own deltas, and
-(3) per-tensor statistics stream: no pass over the whole model before writing, and the artifact's
-size follows from the headers alone. Per tensor and global agree on a single tensor.
+**Per tensor by default; `scope: global` is ComPEFT's own mode.** The reference ranks every entry
+of the model together (one threshold, one σ over the flattened, name-sorted state dict). weightx
+defaults to selecting and scaling each tensor on its own, because (1) a global threshold lets the
+layers with the largest deltas take the whole budget and can empty matrices whose deltas are small
+but matter (deltas differ across layers by an order of magnitude), (2) one σ gives small-delta
+layers a step far larger than their own deltas, and (3) per-tensor statistics stream: no pass
+over the model before writing, and the artifact's size follows from the headers alone.
+`scope: global` (`weightx.global_ternary`) reads the selected tensors twice more before writing:
+once for a histogram of |δ| and the global σ, once to pin the exact threshold; ties at it go to the
+lowest (tensor in name order, flat index). Both modes agree on a single tensor.
 
 Storage (`output.format: delta`), fixed size from (n, k): `W.packed` uint8 [⌈k/8⌉], the signs of
 the kept entries in position order (bit = 1 means +); `W.mask` uint8, the kept positions
@@ -30,10 +33,11 @@ last position is repeated (decoding writes the same value twice).
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
 from weightx.edits.base import EditConfig, TensorContext
 from weightx.edits.bitdelta import LINEAR_PROJ
@@ -53,18 +57,37 @@ def ternary_scale(delta: torch.Tensor, kept: torch.Tensor, scale: str, alpha: fl
     return alpha * s
 
 
+ABS_BITS = 0x7FFFFFFF  # |x| as int32 orders like the value for float32
+
+
+def positions_at(flat: torch.Tensor, threshold: int, ties: int) -> torch.Tensor:
+    """Sorted positions with |x| above `threshold` (float32 bits of |x|), plus the first `ties` equal to it."""
+    mags = flat.contiguous().view(torch.int32).bitwise_and(ABS_BITS)
+    keep = mags > threshold
+    if ties and threshold > 0:  # zeros are never kept
+        keep[torch.nonzero(mags == threshold).reshape(-1)[:ties]] = True
+    return torch.nonzero(keep).reshape(-1)
+
+
 def ternarize(
-    delta: torch.Tensor, k: int, scale: str = "std", alpha: float = 1.0, diagnostics: dict | None = None
+    delta: torch.Tensor, k: int, scale: str = "std", alpha: float = 1.0, diagnostics: dict | None = None,
+    *, threshold: tuple[int, int] | None = None, scale_value: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """δ → (signs uint8 [⌈k/8⌉], positions uint8 (Elias–Fano), scale float32 [1]).
 
-    `diagnostics`, if given, receives ⟨δ, δ̂⟩ and ‖δ̂‖² (as "_dot", "_sq") for error statistics.
+    `threshold` = (bits, ties) and `scale_value` replace the per-tensor selection and scale (global
+    mode). `diagnostics`, if given, receives ⟨δ, δ̂⟩ and ‖δ̂‖² ("_dot", "_sq") for error statistics.
     """
     flat = delta.reshape(-1).to(torch.float32)
     n = flat.numel()
-    pos = torch.nonzero(topk_mask(flat, k).logical_and_(flat != 0)).reshape(-1)
+    if threshold is None:
+        pos = torch.nonzero(topk_mask(flat, k).logical_and_(flat != 0)).reshape(-1)
+    else:
+        pos = positions_at(flat, *threshold)
+        if pos.numel() != k:
+            raise RuntimeError(f"global ternary: {pos.numel()} entries pass the threshold where {k} were counted")
     values = flat[pos]
-    s = ternary_scale(flat, values, scale, alpha)
+    s = ternary_scale(flat, values, scale, alpha) if scale_value is None else scale_value
     positive = values >= 0
     if diagnostics is not None:
         s32 = float(torch.tensor(s, dtype=torch.float32))
@@ -100,45 +123,59 @@ class Ternary(EditConfig):
     density: float = Field(0.2, gt=0.0, le=1.0)
     scale: Literal["std", "mean_abs_kept"] = "std"
     alpha: float = 1.0
+    scope: Literal["tensor", "global"] = "tensor"
 
     default_include: ClassVar[tuple[str, ...]] = LINEAR_PROJ
     elementwise: ClassVar[bool] = False
     compresses: ClassVar[bool] = True
 
+    # scope: global, set by weightx.global_ternary before writing: per tensor (threshold bits, ties
+    # to keep, kept count), the one scale α·s, and the record for weightx.json.
+    _global: dict[str, tuple[int, int, int]] = PrivateAttr(default_factory=dict)
+    _global_scale: float | None = PrivateAttr(default=None)
+    _global_record: dict | None = PrivateAttr(default=None)
+
     def applies_to(self, name: str, shape: tuple[int, ...]) -> bool:
         return len(shape) >= 1 and super().applies_to(name, shape)
 
-    def keep(self, shape: tuple[int, ...]) -> int:
-        n = 1
-        for s in shape:
-            n *= s
-        return keep_count(self.density, n)
+    def keep(self, shape: tuple[int, ...], name: str | None = None) -> int:
+        """Entries kept: ⌊density·n⌋ per tensor; in global mode the count found for `name` (until
+        the statistics pass has run: the per-tensor count, as a size estimate)."""
+        if self.scope == "global" and name in self._global:
+            return self._global[name][2]
+        return keep_count(self.density, math.prod(shape))
 
-    def part_specs(self, shape: tuple[int, ...]) -> dict[str, tuple[str, tuple[int, ...]]]:
-        k = self.keep(shape)
-        n = 1
-        for s in shape:
-            n *= s
-        return {"packed": ("U8", (packed_len(k),)), "mask": ("U8", (ef_nbytes(n, k),)), "scale": ("F32", (1,))}
+    def part_specs(self, shape: tuple[int, ...], name: str | None = None) -> dict[str, tuple[str, tuple[int, ...]]]:
+        k = self.keep(shape, name)
+        return {"packed": ("U8", (packed_len(k),)), "mask": ("U8", (ef_nbytes(math.prod(shape), k),)), "scale": ("F32", (1,))}
 
-    def codec_params(self, shape: tuple[int, ...]) -> dict:
-        return {"codec": "ternary", "k": self.keep(shape)}
+    def codec_params(self, shape: tuple[int, ...], name: str | None = None) -> dict:
+        return {"codec": "ternary", "k": self.keep(shape, name)}
 
     def encode(self, delta: torch.Tensor, ctx: TensorContext) -> dict[str, torch.Tensor]:
         diagnostics: dict[str, torch.Tensor] = {}
-        signs, positions, scale = ternarize(delta, self.keep(tuple(delta.shape)), self.scale, self.alpha, diagnostics)
+        shape = tuple(delta.shape)
+        if self.scope == "global":
+            if ctx.name not in self._global or self._global_scale is None:
+                raise RuntimeError(f"ternary scope: global has no statistics for {ctx.name}; run weightx.global_ternary.prepare first")
+            v, ties, k = self._global[ctx.name]
+            out = ternarize(delta, k, self.scale, self.alpha, diagnostics, threshold=(v, ties), scale_value=self._global_scale)
+        else:
+            out = ternarize(delta, self.keep(shape), self.scale, self.alpha, diagnostics)
+        signs, positions, scale = out
         return {"packed": signs, "mask": positions, "scale": scale, **diagnostics}
 
-    def decode(self, parts: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
-        return decode_parts(parts, shape, k=self.keep(shape))
+    def decode(self, parts: dict[str, torch.Tensor], shape: tuple[int, ...], name: str | None = None) -> torch.Tensor:
+        return decode_parts(parts, shape, k=self.keep(shape, name))
 
     def apply(self, delta: torch.Tensor, ctx: TensorContext) -> torch.Tensor:
-        return self.decode(self.encode(delta, ctx), tuple(delta.shape)).to(delta.device)
+        return self.decode(self.encode(delta, ctx), tuple(delta.shape), ctx.name).to(delta.device)
 
     def describe(self) -> str:
         a = f"{self.alpha:g}·" if self.alpha != 1.0 else ""
         s = "σ" if self.scale == "std" else "mean|kept|"
-        return f"ternary (ComPEFT) density {self.density:g}, ±{a}{s}"
+        where = ", one threshold and scale for all tensors" if self.scope == "global" else ""
+        return f"ternary (ComPEFT) density {self.density:g}, ±{a}{s}{where}"
 
 
 def decode_parts(parts: dict[str, torch.Tensor], shape: tuple[int, ...], *, k: int, **_: object) -> torch.Tensor:

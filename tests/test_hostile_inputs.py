@@ -270,6 +270,24 @@ def test_nonfinite_warn_writes_and_records(zygote, tmp_path):
     assert doc["recipe"]["output"]["on_nonfinite"] == "warn"
 
 
+def test_nonfinite_warn_one_line_per_tensor_counts_all_blocks(tmp_path):
+    import warnings
+
+    import weightx
+    from weightx.verify import NonFiniteWarning
+
+    base = {"big.weight": torch.randn(3000, 1000)}
+    model = {"big.weight": base["big.weight"] + 0.01}
+    model["big.weight"].view(-1)[[5, 1_500_000, 2_900_000]] = float("inf")  # three different blocks
+    b, m = write_model(tmp_path / "b", base), write_model(tmp_path / "m", model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = weightx.apply(recipe(b, m, tmp_path / "out", on_nonfinite="warn"))
+    ours = [w for w in caught if issubclass(w.category, NonFiniteWarning)]
+    assert len(ours) == 1 and "index 5" in str(ours[0].message)
+    assert res.tensors["big.weight"]["nonfinite"] == 3
+
+
 def test_overflow_from_recipe_numbers_is_named(zygote, tmp_path):
     """Finite inputs, finite but absurd alpha: the output overflows float16; the recipe is blamed (exit 2)."""
     base, model = make_pair(tmp_path)

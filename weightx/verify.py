@@ -66,10 +66,13 @@ def nonfinite_block(computer: Any, t: Any, start: int, count: int, out: Any, sta
         what = (f"output tensor {t.name!r} becomes {value} at index {start + i} although its inputs are finite: the"
                 f" recipe's weights or edit parameters overflow {str(out.dtype).removeprefix('torch.')}")
     if plan.recipe.output.on_nonfinite == "warn":
+        first = True
         if stats is not None:
             with _COUNT_LOCK:
+                first = "nonfinite" not in stats.extra
                 stats.extra["nonfinite"] = stats.extra.get("nonfinite", 0) + n
-        warnings.warn(f"{what}; written anyway (output.on_nonfinite: warn)", NonFiniteWarning, stacklevel=2)
+        if first:  # one line per tensor; the total goes to weightx.json
+            warnings.warn(f"{what}; written anyway (output.on_nonfinite: warn)", NonFiniteWarning, stacklevel=2)
         return
     fix = "re-download or repair that checkpoint" if culprits else "lower them"
     err = InputError if culprits else UsageError

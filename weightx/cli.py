@@ -8,6 +8,10 @@ from typing import Any
 
 import click
 
+# torch's OpenMP threads spin while waiting by default, which starves the other threads (our
+# block workers, the writer) on a busy or small machine; sleeping costs little for our op sizes.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 class _Group(click.Group):
     """Turns user errors into one line and an exit status; anything else is a bug and keeps its traceback."""

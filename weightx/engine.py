@@ -8,8 +8,11 @@ edits, a few copies of the largest tensor, whatever the model size.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -105,48 +108,93 @@ class TensorComputer:
             mf, info = self.inputs.get(src, t.name)
             mf.prefetch(info, 0, info.numel)
 
-    def blocks(self, t: TensorPlan, stats: TensorStats | None = None) -> Iterator[torch.Tensor]:
+    def ranges(self, t: TensorPlan) -> list[tuple[int, int]]:
+        """(start, count) of each block: whole tensors unless every step is elementwise."""
         n = t.numel
+        step = self.block if (t.elementwise or not t.edit) else max(n, 1)
+        return [(s, min(step, n - s)) for s in range(0, max(n, 1), step)]
+
+    def compute(self, t: TensorPlan, start: int, count: int, stats: TensorStats | None = None) -> tuple[torch.Tensor, Partial | None]:
+        """One output block (flat, output dtype, on the CPU) and its partial sums for the stats."""
         if not t.edit:
             mf, info = self.inputs.get(self.plan.config_source, t.name)
-            for start in range(0, n, self.block):
-                yield mf.view(info, start, min(self.block, n - start))
-            return
+            return mf.view(info, start, count), None
+        ctx = TensorContext(t.name, t.shape, start)
+        part = Partial(len(self.aliases)) if stats is not None else None
+        base = self._load(self.plan.base, t, start, count)
+        deltas = []
+        for i, (_, src) in enumerate(self.plan.deltas):
+            d = self._delta(src, t, start, count, base)
+            if not t.elementwise:
+                d = d.view(t.shape)
+            if part is not None:
+                part.before[i] = _sq(d)
+            for edit in t.edits[i]:
+                d = edit.apply(d, ctx)
+            if part is not None:
+                part.after[i] = _sq(d)
+            deltas.append(d)
+        combined = self.plan.recipe.combine.combine(deltas, list(self.weights), ctx).reshape(-1)
+        if part is not None:
+            part.combined = _sq(combined)
+        x = base.add_(combined)
         out_dtype = DTYPES[t.out_dtype]
-        step = self.block if t.elementwise else max(n, 1)
-        sq_before = [0.0] * len(self.aliases)
-        sq_after = [0.0] * len(self.aliases)
-        sq_comb = 0.0
-        for start in range(0, max(n, 1), step):
-            count = min(step, n - start)
-            ctx = TensorContext(t.name, t.shape, start)
-            base = self._load(self.plan.base, t, start, count)
-            deltas = []
-            for i, (_, src) in enumerate(self.plan.deltas):
-                d = self._delta(src, t, start, count, base)
-                if not t.elementwise:
-                    d = d.view(t.shape)
-                if stats is not None:
-                    sq_before[i] += _sq(d)
-                for edit in t.edits[i]:
-                    d = edit.apply(d, ctx)
-                if stats is not None:
-                    sq_after[i] += _sq(d)
-                deltas.append(d)
-            combined = self.plan.recipe.combine.combine(deltas, list(self.weights), ctx).reshape(-1)
-            if stats is not None:
-                sq_comb += _sq(combined)
-            x = base.add_(combined)
-            out = x.to(out_dtype)
-            # NaN/Inf check at one reduction per block (a sum is ~30x cheaper than isfinite().all() on
-            # CPU); fp16 is summed after rounding, which can overflow it. See weightx.verify.
-            if not torch.isfinite((out if out_dtype == torch.float16 else x).sum(dtype=torch.float32)):
-                nonfinite_block(self, t, start, count, out, stats)
-            yield out if out.device.type == "cpu" else out.cpu()
-        if stats is not None:
-            stats.delta_norm = {a: sq_before[i] ** 0.5 for i, a in enumerate(self.aliases)}
-            stats.edited_norm = {a: sq_after[i] ** 0.5 for i, a in enumerate(self.aliases)}
-            stats.combined_norm = sq_comb ** 0.5
+        out = x.to(out_dtype)
+        # NaN/Inf check at one reduction per block (a sum is ~30x cheaper than isfinite().all() on
+        # CPU); fp16 is summed after rounding, which can overflow it. See weightx.verify.
+        if not torch.isfinite((out if out_dtype == torch.float16 else x).sum(dtype=torch.float32)):
+            nonfinite_block(self, t, start, count, out, stats)
+        return (out if out.device.type == "cpu" else out.cpu()), part
+
+    def finish(self, stats: TensorStats | None, parts: list[Partial | None]) -> None:
+        """Fold block partials (in block order, so the sums never depend on thread timing)."""
+        if stats is None:
+            return
+        n = len(self.aliases)
+        before, after, comb = [0.0] * n, [0.0] * n, 0.0
+        for p in parts:
+            if p is not None:
+                before = [a + b for a, b in zip(before, p.before)]
+                after = [a + b for a, b in zip(after, p.after)]
+                comb += p.combined
+        stats.delta_norm = {a: before[i] ** 0.5 for i, a in enumerate(self.aliases)}
+        stats.edited_norm = {a: after[i] ** 0.5 for i, a in enumerate(self.aliases)}
+        stats.combined_norm = comb ** 0.5
+
+    def blocks(self, t: TensorPlan, stats: TensorStats | None = None) -> Iterator[torch.Tensor]:
+        """The tensor's output blocks in order, computed on this thread."""
+        parts = []
+        for start, count in self.ranges(t):
+            out, part = self.compute(t, start, count, stats)
+            parts.append(part)
+            yield out
+        self.finish(stats, parts)
+
+
+@dataclass
+class Partial:
+    """Squared norms of one block: each delta before and after its edits, and the combined delta."""
+
+    n: int
+    before: list[float] = field(default_factory=list)
+    after: list[float] = field(default_factory=list)
+    combined: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.before = [0.0] * self.n
+        self.after = [0.0] * self.n
+
+
+@contextlib.contextmanager
+def _intra_op(threads: int, active: bool) -> Iterator[None]:
+    """Give a whole-tensor step torch's intra-op threads while the block pool is idle."""
+    if active:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if active:
+            torch.set_num_threads(1)
 
 
 class _Writer(threading.Thread):
@@ -191,6 +239,7 @@ def write_shards(
     block: int = BLOCK_ELEMENTS,
     shards: list | None = None,
     on_shard: Callable[[ShardWriter, dict[str, TensorStats]], None] | None = None,
+    workers: int | None = None,
 ) -> dict[str, TensorStats]:
     """Compute the planned tensors (of `shards`, default all) into `folder`; return per-tensor stats.
 
@@ -204,8 +253,27 @@ def write_shards(
     open_writers: list[ShardWriter] = []
     shards = plan.shards if shards is None else shards
     order = [t for s in shards for t in s.tensors]
+    # Elementwise tensors are cut into blocks that `workers` threads compute side by side with
+    # one intra-op thread each: coarse parallelism, immune to OpenMP's per-op fork/join cost on
+    # small blocks. Whole-tensor steps (top-k, compression) keep torch's intra-op threads instead.
+    threads = torch.get_num_threads()
+    workers = threads if (device.type == "cpu" and threads > 1 and workers is None) else (workers or 1)
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="weightx-compute") if workers > 1 else None
+    pending: deque = deque()  # (shard writer, tensor, stats, parts, future or value, last block?)
+
+    def drain(keep: int) -> None:
+        while len(pending) > keep:
+            sw, t, st, parts, fut, last = pending.popleft()
+            out, part = fut.result() if isinstance(fut, Future) else fut
+            parts.append(part)
+            writer.put(sw, out)
+            if last:
+                computer.finish(st, parts)
+
     nxt = 1
     try:
+        if pool is not None:
+            torch.set_num_threads(1)
         for shard in shards:
             sw = ShardWriter(folder / shard.filename, [o for t in shard.tensors for o in t.outs])
             open_writers.append(sw)
@@ -217,17 +285,34 @@ def write_shards(
                 if t.codec is not None:  # format: delta, a compressed tensor: write its parts
                     from weightx.delta_artifact import compressed_parts
 
-                    blocks = compressed_parts(computer, t, st)
-                else:
-                    blocks = computer.blocks(t, st)
-                for out in blocks:
-                    writer.put(sw, out)
+                    drain(0)
+                    with _intra_op(threads, pool is not None):
+                        for out in compressed_parts(computer, t, st):
+                            writer.put(sw, out)
+                    continue
+                ranges = computer.ranges(t)
+                parts: list = []
+                if pool is None or (t.edit and not t.elementwise):
+                    drain(0)
+                    with _intra_op(threads, pool is not None):
+                        for i, (start, count) in enumerate(ranges):
+                            pending.append((sw, t, st, parts, computer.compute(t, start, count, st), i == len(ranges) - 1))
+                            drain(0)
+                    continue
+                for i, (start, count) in enumerate(ranges):
+                    fut = pool.submit(computer.compute, t, start, count, st) if t.edit else computer.compute(t, start, count, st)
+                    pending.append((sw, t, st, parts, fut, i == len(ranges) - 1))
+                    drain(2 * workers)
+            drain(0)
             writer.put(sw, None)
         writer.q.put(None)
         writer.join()
         if writer.error is not None:
             raise writer.error
     except BaseException:
+        for item in pending:
+            if isinstance(item[4], Future):
+                item[4].cancel()
         if writer.is_alive():
             writer.error = writer.error or RuntimeError("aborted")
             writer.q.put(None)
@@ -236,5 +321,8 @@ def write_shards(
             sw.abort()
         raise
     finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+            torch.set_num_threads(threads)
         inputs.close()
     return {k: v for k, v in stats.items() if v is not None}

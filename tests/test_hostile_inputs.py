@@ -271,6 +271,7 @@ def test_nonfinite_warn_writes_and_records(zygote, tmp_path):
 
 
 def test_nonfinite_warn_one_line_per_tensor_counts_all_blocks(tmp_path):
+    import re
     import warnings
 
     import weightx
@@ -284,7 +285,8 @@ def test_nonfinite_warn_one_line_per_tensor_counts_all_blocks(tmp_path):
         warnings.simplefilter("always")
         res = weightx.apply(recipe(b, m, tmp_path / "out", on_nonfinite="warn"))
     ours = [w for w in caught if issubclass(w.category, NonFiniteWarning)]
-    assert len(ours) == 1 and "index 5" in str(ours[0].message)
+    # blocks may be computed in parallel: the one line names whichever bad block came first
+    assert len(ours) == 1 and re.search(r"holds inf at index (5|1500000|2900000)\b", str(ours[0].message))
     assert res.tensors["big.weight"]["nonfinite"] == 3
 
 

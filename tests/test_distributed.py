@@ -40,6 +40,10 @@ RECIPES = {
 }
 
 
+RECIPES["distill"] = ({"sft": "sft", "dpo": "dpo"}, "sft", [{"model": "dpo", "edits": [{"bitdelta": {
+    "distill": {"data": str(REPO / "examples" / "corpus.txt"), "steps": 4, "batch_size": 2, "max_length": 32}}}]}], "sum")
+
+
 def recipe_for(kind: str, fams: dict, out: Path) -> dict:
     models, base, deltas, combine = RECIPES[kind]
     fam = fams["merge"] if kind == "ties" else fams["pair"]
@@ -62,7 +66,7 @@ def test_assign_is_balanced_and_deterministic():
     assert assign([5], 2) == [[0], []]
 
 
-@pytest.mark.parametrize("kind", ["expo", "dare", "ties"])
+@pytest.mark.parametrize("kind", ["expo", "dare", "ties", "distill"])
 def test_two_gloo_processes_match_one(fams, tmp_path, kind):
     one = write_recipe(tmp_path / "one.yaml", recipe_for(kind, fams, tmp_path / "one"))
     two = write_recipe(tmp_path / "two.yaml", recipe_for(kind, fams, tmp_path / "two"))

@@ -114,6 +114,27 @@ def _record(plan: Plan, tmp: Path, stats: dict[str, TensorStats], hashes: dict[s
     return doc
 
 
+def _distill(plan: Plan, dev: Any, ranks: Any) -> None:
+    """Train BitDelta scales once, on rank 0, and give every rank the same learned values: ranks
+    distilling on their own could disagree (GPU nondeterminism) and write inconsistent shards."""
+    edits = [e for d in plan.recipe.deltas for e in d.edits if getattr(e, "distill", None) is not None]
+    if not edits:
+        return
+
+    def run() -> list:
+        from weightx.distill import distill_plan
+
+        distill_plan(plan, dev)
+        return [({k: v.detach().cpu() for k, v in e._learned.items()}, e._distill_record) for e in edits]
+
+    shared = ranks.on_main(run)
+    if not ranks.is_main:
+        for e, (learned, record) in zip(edits, shared):
+            e._learned.clear()
+            e._learned.update({k: v.to(dev) for k, v in learned.items()})
+            e._distill_record = record
+
+
 def execute(plan: Plan, *, device: str = "auto", overwrite: bool = False, progress: bool | None = None) -> ApplyResult:
     """Run a plan to a finished output folder; under torchrun, each rank writes its share of shards."""
     from weightx.distributed import RankFailed, assign, detect
@@ -143,12 +164,9 @@ def execute(plan: Plan, *, device: str = "auto", overwrite: bool = False, progre
     stats: dict[str, TensorStats] = {}
     hashes: dict[str, str] = {}
     try:
+        _distill(plan, dev, ranks)  # BitDelta scale distillation, before any writing
         if os.environ.get("WEIGHTX_TEST_FAIL_RANK") == str(ranks.rank) and ranks.active:
             raise RuntimeError(f"injected failure on rank {ranks.rank}")  # for the scale-out tests
-        if any(getattr(e, "distill", None) is not None for d in plan.recipe.deltas for e in d.edits):
-            from weightx.distill import distill_plan  # BitDelta scale distillation, before any writing
-
-            distill_plan(plan, dev)
         stats = write_shards(plan, tmp, dev, update, shards=[s for s in mine if s.filename not in adopted], on_shard=log.add)
         stats.update(log.stats({s.filename for s in mine} & set(adopted)))
         hashes = hasher.result()

@@ -294,7 +294,7 @@ def run_sweep(
     model = model.to(pick_device(settings.device or "auto")).eval()
     tokenizer = AutoTokenizer.from_pretrained(first.config_source.root)
     compute = pick_device(device)
-    directions = set()
+    direction = select.direction
     for i, (cand, plan) in enumerate(zip(candidates, plans)):
         t1 = time.perf_counter()
         set_weights(model, plan, compute)
@@ -304,14 +304,14 @@ def run_sweep(
             from weightx.validate.gates import available
 
             raise UsageError(f"validate.select: {select.key} was not measured ({available(cand.results, select.task)})")
-        directions.add(select.direction or ("max" if hib in (True, None) else "min"))
+        direction = direction or ("min" if hib is False else "max")  # lm-eval's higher_is_better
         cand.seconds = time.perf_counter() - t1
-        values = ", ".join(f"{k.split('.')[-1]}={v:g}" for k, v in cand.values.items())
+        values = ", ".join(f"{k.split('.')[-1]}={v:g}" if isinstance(v, (int, float)) else f"{k.split('.')[-1]}={v}"
+                           for k, v in cand.values.items())
         log(f"sweep {i + 1}/{len(candidates)}: {values}: {select.key} = {cand.score:.4g} ({cand.seconds:.1f} s)")
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    direction = directions.pop()
     pick = max if direction == "max" else min
     # Ties go to the first candidate in the order given.
     winner = pick(range(len(candidates)), key=lambda i: (candidates[i].score, -i if direction == "max" else i))

@@ -79,6 +79,11 @@ def apply(recipe: str, output: str | None, device: str, overrides: tuple[str, ..
                                            validate=not no_validate, log=lambda m: click.echo(m, err=True))
         click.echo(render_sweep(sweep))
         plan = build_plan(r, output, Path(recipe).parent)
+    if tasks is None and r.validate_ is not None and not no_validate and os.environ.get("RANK", "0") == "0":
+        from weightx.validate.tasks import load_tasks, resolve_tasks
+
+        # An unknown task or one whose data is offline stops the run before any compute.
+        tasks = load_tasks(resolve_tasks(r.validate_.tasks, Path(recipe).parent))
     result = execute(plan, device=device, overwrite=overwrite, progress=progress)
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun, rank 0 alone reports, validates and publishes

@@ -249,6 +249,11 @@ def apply(
 
         r, sweep, tasks = run_recipe_sweep(r, output=output, recipe_dir=recipe_dir, device=device, validate=validate)
     plan = build_plan(r, output, recipe_dir)
+    if validate and r.validate_ is not None and tasks is None:
+        from weightx.validate.tasks import load_tasks, resolve_tasks
+
+        # An unknown task or one whose data is offline stops the run before any compute.
+        tasks = load_tasks(resolve_tasks(r.validate_.tasks, recipe_dir))
     result = execute(plan, device=device, overwrite=overwrite, progress=progress)
     if validate and r.validate_ is not None:
         from weightx.validate.report import GateFailed, validate_output

@@ -189,11 +189,13 @@ def test_unknown_task_is_one_line_with_a_suggestion(tmp_path):
 def test_builtin_task_offline_fails_fast_in_one_line(tmp_path):
     """With HF_HUB_OFFLINE=1 a Hub task fails on its first attempt, naming the task; no retries."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    recipe = write_recipe(tmp_path, tasks=["arc_easy"])
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "weightx", "eval", str(TINY / "dpo"), "--tasks", "arc_easy", "--limit", "2"],
+    proc = subprocess.run([sys.executable, "-m", "weightx", "apply", str(recipe)],
                           capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     seconds = time.perf_counter() - t0
     assert proc.returncode == 1, proc.stderr
+    assert not (tmp_path / "out").exists()  # the tasks are checked before anything is computed
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr
     assert "arc_easy" in errors[0] and "local task" in errors[0] and "go online" in errors[0]

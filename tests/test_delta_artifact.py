@@ -317,3 +317,21 @@ def test_serving_fixups_restore_every_bit_pattern():
     assert fix.far_index.numel() > 0 and fix.steps.numel() > 0
     fix.restore(back)
     assert torch.equal(back.view(torch.int16), base.view(torch.int16))
+
+
+def test_reconstruction_with_many_blocks_on_a_thread_pool(family, tmp_path):
+    """Blocks of several compressed tensors are decoded concurrently; each must see its own tensor."""
+    from safetensors.torch import load_file
+
+    from weightx.engine import write_shards
+
+    dense = api.apply(recipe(family["sft"], family["dpo"], tmp_path / "dense", [{"bitdelta": {"bits": 2}}], "dense"))
+    api.apply(recipe(family["sft"], family["dpo"], tmp_path / "art", [{"bitdelta": {"bits": 2}}]))
+    plan = api.plan(reconstruct(family["sft"], tmp_path / "art", tmp_path / "unused"))
+    out = tmp_path / "pool"
+    out.mkdir()
+    write_shards(plan, out, torch.device("cpu"), block=300, workers=4)
+    got = {}
+    for f in out.glob("*.safetensors"):
+        got.update(load_file(f))
+    assert same_bits(load_state_dict(dense.path), got) == []

@@ -17,6 +17,8 @@ the `format: dense` output of the compressing recipe bit for bit. Whole tensors 
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
 ENCODING = "weightx-delta"
 VERSION = 1
 SUFFIXES = ("packed", "mask", "scale")
+CACHED_TENSORS = 3  # decoded tensors an artifact reader keeps while the engine's blocks are in flight
 BF16_BYTES = 2
 
 
@@ -321,7 +324,9 @@ class ArtifactReader:
             for name, e in self.codecs.items()
         }
         self._maps: dict[str, MappedFile] = {}
-        self._cached: tuple[str, torch.device, torch.Tensor] | None = None
+        self._lock = threading.Lock()
+        self._maps_lock = threading.Lock()
+        self._cache: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
 
     def is_compressed(self, name: str) -> bool:
         return name in self.codecs
@@ -333,6 +338,10 @@ class ArtifactReader:
         return wm
 
     def parts(self, name: str) -> dict[str, torch.Tensor]:
+        with self._maps_lock:
+            return self._parts(name)
+
+    def _parts(self, name: str) -> dict[str, torch.Tensor]:
         out = {}
         for sfx in SUFFIXES:
             key = f"{name}.{sfx}"
@@ -355,15 +364,23 @@ class ArtifactReader:
     def decoded(self, name: str, start: int, count: int, device: torch.device) -> torch.Tensor:
         """Elements [start, start+count) of the flat decoded delta: a fresh float32 tensor on `device`.
 
-        The whole tensor is decoded once and kept while the engine walks its blocks.
+        The engine computes blocks of a few tensors at once on a thread pool: each tensor is decoded
+        once (under a lock) and the last few stay cached while their blocks are taken.
         """
-        if self._cached is None or self._cached[0] != name or self._cached[1] != device:
-            self._cached = None
-            self._cached = (name, device, self.decode(name, device).reshape(-1))
-        return self._cached[2][start:start + count].clone()
+        key = (name, str(device))
+        with self._lock:
+            full = self._cache.get(key)
+            if full is None:
+                full = self._cache[key] = self.decode(name, device).reshape(-1)
+                while len(self._cache) > CACHED_TENSORS:
+                    self._cache.popitem(last=False)
+            else:
+                self._cache.move_to_end(key)
+        return full[start:start + count].clone()
 
     def release(self) -> None:
-        self._cached = None
+        with self._lock:
+            self._cache.clear()
 
 
 def attach_artifact(src: Source) -> None:

@@ -2,8 +2,10 @@
 
 Inputs are mmap'd views; each output tensor is computed in float32 (in blocks when every step is
 elementwise), rounded once to the output dtype, and handed to a writer thread that streams it into
-a shard whose header was laid out from the plan. Memory is a few blocks plus, for whole-tensor
-edits, a few copies of the largest tensor, whatever the model size.
+a shard whose header was laid out from the plan. Steps that need a tensor-wide statistic but can
+gather it over blocks (`streams`: TIES, magnitude, DARE `l1`) get pre-passes that recompute the
+blocks from the mapped inputs, then run per block too. Memory is a few blocks plus, for the other
+whole-tensor edits (bitdelta, ternary), a few copies of the largest tensor, whatever the model size.
 """
 
 from __future__ import annotations
@@ -85,6 +87,10 @@ class TensorComputer:
         self.block = block
         self.aliases = [d.model for d in plan.recipe.deltas]
         self.weights = [d.weight for d in plan.recipe.deltas]
+        # Per streamed tensor: what each non-elementwise step's `prepare` gathered, keyed by
+        # (delta index, edit index) or "combine"; dropped when the tensor is finished.
+        self._states: dict[str, dict] = {}
+        self._state_lock = threading.Lock()
 
     def _load(self, src: Source, t: TensorPlan, start: int, count: int) -> torch.Tensor:
         mf, info = self.inputs.get(src, t.name)
@@ -108,11 +114,57 @@ class TensorComputer:
             mf, info = self.inputs.get(src, t.name)
             mf.prefetch(info, 0, info.numel)
 
+    def streams(self, t: TensorPlan) -> bool:
+        """Not elementwise, but every such step gathers its statistics in a pre-pass over blocks
+        (`prepare`) and then runs per block."""
+        steps = [e for es in t.edits for e in es] + [self.plan.recipe.combine]
+        return t.edit and not t.elementwise and all(s.elementwise or getattr(s, "streams", False) for s in steps)
+
     def ranges(self, t: TensorPlan) -> list[tuple[int, int]]:
-        """(start, count) of each block: whole tensors unless every step is elementwise."""
+        """(start, count) of each block: whole tensors unless every step is elementwise or streams."""
         n = t.numel
-        step = self.block if (t.elementwise or not t.edit) else max(n, 1)
+        step = self.block if (t.elementwise or not t.edit or self.streams(t)) else max(n, 1)
         return [(s, min(step, n - s)) for s in range(0, max(n, 1), step)]
+
+    def _edited(self, t: TensorPlan, states: dict, start: int, count: int, base: torch.Tensor, i: int, upto: int) -> torch.Tensor:
+        """Delta i of a block, after its first `upto` edits."""
+        d = self._delta(self.plan.deltas[i][1], t, start, count, base)
+        for j, edit in enumerate(t.edits[i][:upto]):
+            d = edit.apply(d, TensorContext(t.name, t.shape, start, states.get((i, j))))
+        return d
+
+    def prepare(self, t: TensorPlan) -> dict:
+        """Run the pre-passes of a streamed tensor's non-elementwise steps, in pipeline order: each
+        pass recomputes the blocks' deltas from the mapped inputs up to that step (block memory)."""
+        with self._state_lock:
+            states = self._states.get(t.name)
+            if states is not None:
+                return states
+            states = {}
+            ctx = TensorContext(t.name, t.shape, 0)
+            for i in range(len(self.plan.deltas)):
+                for j, edit in enumerate(t.edits[i]):
+                    if edit.elementwise:
+                        continue
+
+                    def one(i: int = i, j: int = j) -> Iterator[tuple[int, list[torch.Tensor]]]:
+                        for start, count in self.ranges(t):
+                            base = self._load(self.plan.base, t, start, count)
+                            yield start, [self._edited(t, states, start, count, base, i, j).contiguous()]
+
+                    states[(i, j)] = edit.prepare(one, ctx)
+            combine = self.plan.recipe.combine
+            if not combine.elementwise:
+
+                def every() -> Iterator[tuple[int, list[torch.Tensor]]]:
+                    for start, count in self.ranges(t):
+                        base = self._load(self.plan.base, t, start, count)
+                        n = len(self.plan.deltas)
+                        yield start, [self._edited(t, states, start, count, base, i, len(t.edits[i])).contiguous() for i in range(n)]
+
+                states["combine"] = combine.prepare(every, list(self.weights), ctx)
+            self._states[t.name] = states
+            return states
 
     def compute(self, t: TensorPlan, start: int, count: int, stats: TensorStats | None = None) -> tuple[torch.Tensor, Partial | None]:
         """One output block (flat, output dtype, on the CPU) and its partial sums for the stats."""
@@ -120,20 +172,24 @@ class TensorComputer:
             mf, info = self.inputs.get(self.plan.config_source, t.name)
             return mf.view(info, start, count), None
         ctx = TensorContext(t.name, t.shape, start)
+        streamed = self.streams(t)
+        states = self.prepare(t) if streamed else {}
         part = Partial(len(self.aliases)) if stats is not None else None
         base = self._load(self.plan.base, t, start, count)
         deltas = []
         for i, (_, src) in enumerate(self.plan.deltas):
             d = self._delta(src, t, start, count, base)
-            if not t.elementwise:
+            if not t.elementwise and not streamed:
                 d = d.view(t.shape)
             if part is not None:
                 part.before[i] = _sq(d)
-            for edit in t.edits[i]:
-                d = edit.apply(d, ctx)
+            for j, edit in enumerate(t.edits[i]):
+                d = edit.apply(d, TensorContext(t.name, t.shape, start, states.get((i, j))) if streamed else ctx)
             if part is not None:
                 part.after[i] = _sq(d)
             deltas.append(d)
+        if streamed:
+            ctx = TensorContext(t.name, t.shape, start, states.get("combine"))
         combined = self.plan.recipe.combine.combine(deltas, list(self.weights), ctx).reshape(-1)
         if part is not None:
             part.combined = _sq(combined)
@@ -161,6 +217,11 @@ class TensorComputer:
         stats.edited_norm = {a: after[i] ** 0.5 for i, a in enumerate(self.aliases)}
         stats.combined_norm = comb ** 0.5
 
+    def release(self, t: TensorPlan) -> None:
+        """Forget a finished tensor's pre-pass state."""
+        with self._state_lock:
+            self._states.pop(t.name, None)
+
     def blocks(self, t: TensorPlan, stats: TensorStats | None = None) -> Iterator[torch.Tensor]:
         """The tensor's output blocks in order, computed on this thread."""
         parts = []
@@ -169,6 +230,7 @@ class TensorComputer:
             parts.append(part)
             yield out
         self.finish(stats, parts)
+        self.release(t)
 
 
 @dataclass
@@ -269,6 +331,7 @@ def write_shards(
             writer.put(sw, out)
             if last:
                 computer.finish(st, parts)
+                computer.release(t)
 
     nxt = 1
     try:
@@ -292,7 +355,12 @@ def write_shards(
                     continue
                 ranges = computer.ranges(t)
                 parts: list = []
-                if pool is None or (t.edit and not t.elementwise):
+                if t.edit and computer.streams(t):
+                    # The pre-passes walk the blocks in order on this thread, with torch's threads.
+                    drain(0)
+                    with _intra_op(threads, pool is not None):
+                        computer.prepare(t)
+                if pool is None or (t.edit and not t.elementwise and not computer.streams(t)):
                     drain(0)
                     with _intra_op(threads, pool is not None):
                         for i, (start, count) in enumerate(ranges):

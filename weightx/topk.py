@@ -19,7 +19,9 @@ counts as 0. NaN counts as larger than any number (a NaN delta means a broken in
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import Callable, Iterable
 
 import torch
 
@@ -121,5 +123,96 @@ def trim_(x: torch.Tensor, density: float, ws: Workspace | None = None) -> torch
     mask = mags.neg_().add_(thr).bitwise_right_shift_(31)
     bits.bitwise_and_(mask)
     if partial:
+        bits[ties] = saved
+    return x
+
+
+# --- The same selection over a tensor streamed in blocks (no whole-tensor buffer) -------------
+#
+# Pass 1 accumulates the high-bits histogram over the blocks, pass 2 the low-bits histogram of the
+# k-th bucket's members; both are integer counts, so (v, r, e) equal `threshold_bits` on the whole
+# tensor. When some ties at v must be dropped, pass 3 counts each block's ties, so a block knows how
+# many precede it and keeps the right ones without seeing the others (blocks may then be computed
+# in any order, on any thread). Memory: two histograms and one block-sized temporary.
+
+
+@dataclass
+class Selection:
+    """The top-k threshold of one streamed tensor of n entries (see `select_blocks`)."""
+
+    n: int
+    k: int
+    v: int = 0  # float32 bits of the k-th largest |x|
+    r: int = 0  # how many entries equal to v are kept …
+    e: int = 0  # … of how many
+    before: dict[int, int] = field(default_factory=dict)  # block start → ties at v in earlier blocks
+
+    @property
+    def partial(self) -> bool:  # some ties at v (≠ 0) are dropped: the lowest-index r are kept
+        return 0 < self.k < self.n and self.r < self.e and self.v != 0
+
+
+Blocks = Callable[[], Iterable[tuple[int, list[torch.Tensor]]]]
+
+
+def _mags(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1).view(torch.int32).bitwise_and(_ABS)
+
+
+def select_blocks(blocks: Blocks, n: int, ks: list[int]) -> list[Selection]:
+    """Exact top-k thresholds of several tensors of n entries streamed together.
+
+    `blocks()` yields (start, [x_0 block, x_1 block, …]) in flat order, contiguous float32, and
+    is called once per pass (2, or 3 when ties at the threshold must be split)."""
+    sels = [Selection(n, min(max(k, 0), n)) for k in ks]
+    live = [i for i, s in enumerate(sels) if 0 < s.k < n]
+    if not live:
+        return sels
+    hist = {i: torch.zeros(1 << 15, dtype=torch.int64) for i in live}
+    for _, xs in blocks():
+        for i in live:
+            hi = torch.bitwise_right_shift(xs[i].reshape(-1).view(torch.int32), 16).bitwise_and_(_ABS >> 16)
+            hist[i] += torch.bincount(hi, minlength=1 << 15).cpu()
+    bucket = {i: _kth_bucket(hist[i], sels[i].k) for i in live}
+    lo_hist = {i: torch.zeros(1 << 16, dtype=torch.int64) for i in live}
+    for _, xs in blocks():
+        for i in live:
+            bits = xs[i].reshape(-1).view(torch.int32)
+            hi = torch.bitwise_right_shift(bits, 16).bitwise_and_(_ABS >> 16)
+            members = bits[hi == bucket[i][0]].bitwise_and_(0xFFFF)
+            lo_hist[i] += torch.bincount(members, minlength=1 << 16).cpu()
+    for i in live:
+        b, above = bucket[i]
+        lo, above_lo = _kth_bucket(lo_hist[i], sels[i].k - above)
+        s = sels[i]
+        s.v, s.r, s.e = (b << 16) | lo, s.k - above - above_lo, int(lo_hist[i][lo])
+    split = [i for i in live if sels[i].partial]
+    if split:
+        seen = {i: 0 for i in split}
+        for start, xs in blocks():
+            for i in split:
+                sels[i].before[start] = seen[i]
+                seen[i] += int(torch.eq(_mags(xs[i]), sels[i].v).sum())
+    return sels
+
+
+def trim_block_(x: torch.Tensor, sel: Selection, start: int) -> torch.Tensor:
+    """`trim_` of the whole tensor, restricted to its block x starting at flat index `start`
+    (x contiguous, one of the blocks `select_blocks` saw). Same values bit for bit."""
+    if sel.k >= sel.n:
+        return x
+    if sel.k == 0:
+        return x.zero_()
+    bits = x.view(-1).view(torch.int32)
+    mags = bits.bitwise_and(_ABS)
+    thr = sel.v if sel.r < sel.e else sel.v - 1
+    ties = None
+    if sel.partial:
+        need = sel.r - sel.before[start]
+        if need > 0:
+            ties = torch.nonzero(mags == sel.v).view(-1)[:need]
+            saved = bits[ties]
+    bits.bitwise_and_(mags.neg_().add_(thr).bitwise_right_shift_(31))
+    if ties is not None:
         bits[ties] = saved
     return x

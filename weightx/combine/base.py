@@ -15,6 +15,7 @@ class CombineConfig(BaseModel):
 
     op: str  # a Literal["name"] in each subclass
     elementwise: ClassVar[bool] = True
+    streams: ClassVar[bool] = False  # see EditConfig.streams; `prepare(blocks, weights, ctx)`
 
     def combine(self, deltas: list[torch.Tensor], weights: list[float], ctx: TensorContext) -> torch.Tensor:
         raise NotImplementedError

@@ -15,10 +15,15 @@ Per tensor, for deltas τ_t with weights w_t:
    Σ τ̂_t (mergekit's `dare_ties` default). Entries where nothing agrees are 0.
 5. scale: multiply by `scale` (the paper's λ, mergekit's `lambda`; default 1).
 With `dare` edits on the deltas first this is DARE-TIES (MergeLM: DARE, then TIES).
+
+Streaming: the only tensor-wide facts are each delta's trim threshold (and, for `majority`, the
+sign counts); `prepare` gathers them in pre-passes over blocks (`weightx.topk.select_blocks`), after
+which every step is elementwise and the engine computes the tensor in blocks, bit for bit equal.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
@@ -27,7 +32,7 @@ from pydantic import field_validator
 from weightx.combine.base import CombineConfig
 from weightx.edits.base import TensorContext
 from weightx.edits.magnitude import check_density
-from weightx.topk import Workspace, trim_
+from weightx.topk import Blocks, Selection, Workspace, keep_count, select_blocks, trim_, trim_block_
 
 PAPER = "https://arxiv.org/abs/2306.01708"
 
@@ -40,23 +45,25 @@ def ties(
     zero_sign: Literal["positive", "majority"] = "positive",
     normalize: bool = True,
     scale: float = 1.0,
+    state: "TiesState | None" = None,
+    start: int = 0,
 ) -> torch.Tensor:
     """TIES over same-shaped float32 deltas; the deltas are modified in place.
 
-    Whole-tensor temporaries: one float32 (the mass, then the divisor), one int32 and one bool."""
+    With `state` (from `prepare_ties`) the deltas are the block at flat index `start` of each
+    whole tensor, and the result is that block of the whole-tensor result, bit for bit.
+    Temporaries (tensor- or block-sized): one float32 (the mass, then the divisor), one int32, one bool."""
     deltas = [d.contiguous() for d in deltas]
     ws = Workspace.for_tensor(deltas[0], None)
-    for d, w in zip(deltas, weights):
-        trim_(d, density, ws)
-        if w != 1.0:
-            d.mul_(w)
-    mass = deltas[0].clone()
-    for d in deltas[1:]:
-        mass.add_(d)
+    mass = _trim_and_mass(deltas, weights, density, ws, state, start)
     # The elected sign as a sign bit, computed in place over the mass: `neg` is all ones (−1) where
     # the election says −, else 0. Adding +0.0 turns a −0.0 sum into +0.0, so a zero sum elects +
     # (mergekit's `sum >= 0`).
-    if zero_sign == "majority" and int((mass < 0).sum()) > int((mass > 0).sum()):
+    if state is not None:
+        minus = state.minus
+    else:
+        minus = zero_sign == "majority" and int((mass < 0).sum()) > int((mass > 0).sum())
+    if minus:
         # Most of the tensor elects −: a zero sum does too, i.e. − wherever −sum ≥ 0.
         neg = mass.neg_().add_(0.0).view(torch.int32).bitwise_right_shift_(31).bitwise_not_()
     else:
@@ -86,6 +93,43 @@ def ties(
     return merged
 
 
+def _trim_and_mass(deltas, weights, density, ws, state, start) -> torch.Tensor:
+    """Trim and weight each delta in place; return their sum (a new buffer)."""
+    for i, (d, w) in enumerate(zip(deltas, weights)):
+        if state is None:
+            trim_(d, density, ws)
+        else:
+            trim_block_(d, state.trims[i], start)
+        if w != 1.0:
+            d.mul_(w)
+    mass = deltas[0].clone()
+    for d in deltas[1:]:
+        mass.add_(d)
+    return mass
+
+
+@dataclass
+class TiesState:
+    """What a streamed TIES needs from the whole tensor: each delta's trim threshold, and the
+    election for a zero sum (− only with `zero_sign: majority` when most of the tensor elects −)."""
+
+    trims: list[Selection]
+    minus: bool
+
+
+def prepare_ties(blocks: Blocks, n: int, weights: list[float], density: float, zero_sign: str) -> TiesState:
+    """Gather `TiesState` over the blocks (2-4 passes, block-sized memory)."""
+    trims = select_blocks(blocks, n, [keep_count(density, n)] * len(weights))
+    minus = False
+    if zero_sign == "majority":
+        neg = pos = 0
+        for start, ds in blocks():
+            mass = _trim_and_mass(ds, weights, density, None, TiesState(trims, False), start)
+            neg, pos = neg + int((mass < 0).sum()), pos + int((mass > 0).sum())
+        minus = neg > pos
+    return TiesState(trims, minus)
+
+
 class Ties(CombineConfig):
     op: Literal["ties"] = "ties"
     density: float
@@ -93,7 +137,8 @@ class Ties(CombineConfig):
     normalize: bool = True
     scale: float = 1.0
 
-    elementwise: ClassVar[bool] = False  # trimming needs each whole tensor
+    elementwise: ClassVar[bool] = False  # trimming needs each whole tensor's threshold …
+    streams: ClassVar[bool] = True  # … which `prepare` gathers over blocks first
 
     @field_validator("density")
     @classmethod
@@ -102,8 +147,12 @@ class Ties(CombineConfig):
 
     def combine(self, deltas: list[torch.Tensor], weights: list[float], ctx: TensorContext) -> torch.Tensor:
         return ties(
-            deltas, weights, density=self.density, zero_sign=self.zero_sign, normalize=self.normalize, scale=self.scale
+            deltas, weights, density=self.density, zero_sign=self.zero_sign, normalize=self.normalize, scale=self.scale,
+            state=ctx.state, start=ctx.offset,
         )
+
+    def prepare(self, blocks: Blocks, weights: list[float], ctx: TensorContext) -> TiesState:
+        return prepare_ties(blocks, ctx.numel, weights, self.density, self.zero_sign)
 
     def describe(self) -> str:
         opts = [f"density={self.density:g}"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -22,6 +22,9 @@ class TensorContext:
     name: str
     shape: tuple[int, ...]
     offset: int = 0  # flat index of the block's first element within the whole tensor
+    # What the step's `prepare` gathered over the whole tensor (set by the engine for a step with
+    # `streams`, which then gets blocks); None: the step gets the whole tensor.
+    state: object = field(default=None, compare=False, repr=False)
 
     @property
     def numel(self) -> int:
@@ -54,6 +57,9 @@ class EditConfig(BaseModel):
     default_exclude: ClassVar[tuple[str, ...]] = ()
     # True when the edit maps each element independently of the others (so it can run per block).
     elementwise: ClassVar[bool] = True
+    # A non-elementwise edit that can still run per block once `prepare(blocks, ctx)` has gathered
+    # its tensor-wide statistics over a streamed pre-pass (then `apply` gets ctx.state).
+    streams: ClassVar[bool] = False
     # Edits that only touch floating tensors of these ranks (None = any rank).
     ranks: ClassVar[tuple[int, ...] | None] = None
 

@@ -11,7 +11,9 @@ still 1. k = 0 is DARE, k = 1 the identity.
 `rescale` picks the survivors' factor: `inverse_keep` (the paper: (1 − k·p)/(1 − p)), `none`
 (factor 1, plain dropping), or `l1` (mergekit's since its PR #245: survivors keep factor 1, then
 the whole tensor is scaled so its L1 norm equals the input's; skipped when either norm is below
-1e-7). `l1` needs tensor-wide norms, so it is the only setting that is not elementwise.
+1e-7). `l1` needs tensor-wide norms, so it is the only setting that is not elementwise; the engine
+gathers them in a pre-pass over blocks (`prepare`) from L1 sums of 32K-element chunks folded in
+order, the same float64 sum as over the whole tensor when blocks are multiples of the rng chunk.
 
 Randomness: entry i of tensor `name` is dropped when u(seed, name, i) < p, with u from the
 counter-based hash in `weightx.rng`; the mask is the same whatever the block size, tensor order,
@@ -25,7 +27,7 @@ in both; give each delta its own seed for independent masks.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import field_validator
@@ -41,10 +43,19 @@ L1_EPS = 1e-7  # mergekit's guard against rescaling (near-)empty tensors
 Rescale = Literal["inverse_keep", "none", "l1"]
 
 
-def l1_norm(x: torch.Tensor, chunk: int = 1 << 22) -> float:
-    """Σ|x| accumulated in float64, a chunk at a time (no full-size temporary)."""
+L1_CHUNK = 1 << 15  # divides the engine's block and rng chunk sizes; one intra-op thread's grain
+
+
+def l1_chunks(x: torch.Tensor, chunk: int = L1_CHUNK) -> list[float]:
+    """float64 Σ|x| of each successive chunk (no full-size temporary). A streamed tensor folds the
+    chunk sums of its blocks in order, which is the same sum as over the whole tensor."""
     flat = x.reshape(-1)
-    return sum(float(flat[s : s + chunk].abs().sum(dtype=torch.float64)) for s in range(0, flat.numel(), chunk))
+    return [float(flat[s : s + chunk].abs().sum(dtype=torch.float64)) for s in range(0, flat.numel(), chunk)]
+
+
+def l1_norm(x: torch.Tensor) -> float:
+    """Σ|x| accumulated in float64, a chunk at a time."""
+    return sum(l1_chunks(x))
 
 
 def survivor_factor(drop: float, k: float, rescale: str) -> float:
@@ -61,22 +72,25 @@ def dare_(
     offset: int = 0,
     rescale: Rescale = "inverse_keep",
     k: float = 0.0,
+    sums: tuple[list[float], list[float]] | None = None,
 ) -> torch.Tensor:
     """DARE in place on `delta`, whose flat element j is element offset + j of the keyed tensor.
 
     Dropped ("selected") entries are multiplied by k, the others by `survivor_factor`; `l1` then
-    rescales the whole of `delta` (only meaningful when it is the whole tensor, offset 0).
+    rescales the whole of `delta` (meaningful when it is the whole tensor, offset 0). With `sums`
+    (a block of a streamed tensor, see `dare_l1_scale`), `l1` appends the L1 chunk sums before and
+    after to them instead of rescaling.
     """
     if drop == 0.0:
         return delta  # nothing is selected and the survivors' factor is exactly 1
     delta = delta.contiguous()
     flat = delta.view(-1)
     keep = survivor_factor(drop, k, rescale)
-    norm_in = norm_out = 0.0
+    sums_in, sums_out = sums if sums is not None else ([], [])
     for s, mask in rng.drop_chunks(key, offset, flat.numel(), drop, flat.device):
         part = flat[s : s + mask.numel()]
         if rescale == "l1":
-            norm_in += l1_norm(part)
+            sums_in += l1_chunks(part)
         if k == 0.0:
             part.masked_fill_(mask, 0.0)
             if keep != 1.0:
@@ -86,10 +100,27 @@ def dare_(
             # rounds exactly like the branch above.
             part.mul_(torch.where(mask, k, keep).to(part.dtype))
         if rescale == "l1":
-            norm_out += l1_norm(part)
-    if rescale == "l1" and norm_in >= L1_EPS and norm_out >= L1_EPS:
-        delta.mul_(norm_in / norm_out)
+            sums_out += l1_chunks(part)
+    if rescale == "l1" and sums is None:
+        # Chunk sums folded in order: the same float64 sum whether the tensor came whole or in blocks.
+        scale = l1_factor(sum(sums_in), sum(sums_out))
+        if scale is not None:
+            delta.mul_(scale)
     return delta
+
+
+def l1_factor(norm_in: float, norm_out: float) -> float | None:
+    """The factor restoring the L1 norm, or None when either norm is (near) zero."""
+    return norm_in / norm_out if norm_in >= L1_EPS and norm_out >= L1_EPS else None
+
+
+def dare_l1_scale(blocks, *, drop: float, key: int, k: float) -> float | None:
+    """The `l1` factor of a streamed tensor: its blocks' chunk sums before and after, in order."""
+    sums: tuple[list[float], list[float]] = ([], [])
+    for start, (d,) in blocks():
+        if drop != 0.0:
+            dare_(d, drop=drop, key=key, offset=start, rescale="l1", k=k, sums=sums)
+    return l1_factor(sum(sums[0]), sum(sums[1]))
 
 
 class Dare(EditConfig):
@@ -115,11 +146,24 @@ class Dare(EditConfig):
     def elementwise(self) -> bool:  # type: ignore[override]
         return self.rescale != "l1"  # l1 needs the whole tensor's norms
 
+    streams: ClassVar[bool] = True  # `l1`: both norms from a pre-pass, then per block
+
     def apply(self, delta: torch.Tensor, ctx: TensorContext) -> torch.Tensor:
-        return dare_(
-            delta, drop=self.drop, key=ctx.seed_key(self.seed), offset=ctx.offset, rescale=self.rescale, k=self.k
+        streamed = ctx.state is not None and self.rescale == "l1"
+        # A streamed `l1` block: survivors keep factor 1 ("none" does the same), then the whole
+        # tensor's factor from `prepare`, the same multiply as on the whole tensor.
+        delta = dare_(
+            delta, drop=self.drop, key=ctx.seed_key(self.seed), offset=ctx.offset,
+            rescale="none" if streamed else self.rescale, k=self.k,
         )
+        if streamed and self.drop != 0.0 and ctx.state[0] is not None:
+            delta.mul_(ctx.state[0])
+        return delta
+
+    def prepare(self, blocks, ctx: TensorContext) -> tuple[float | None]:
+        return (dare_l1_scale(blocks, drop=self.drop, key=ctx.seed_key(self.seed), k=self.k),)
 
     def describe(self) -> str:
         extra = f", k={self.k:g}" if self.k != 0.0 else ""
         return f"DARE drop={self.drop:g} rescale={self.rescale}{extra} seed={self.seed}"
+

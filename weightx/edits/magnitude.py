@@ -9,10 +9,14 @@ crashes when ⌊p·n⌋ = 0.
 
 `rescale: l1` scales the kept entries so the tensor's L1 norm is unchanged (mergekit's
 `magnitude` sparsification with `rescale: true`).
+
+The engine streams it: `prepare` finds the threshold (and the L1 factor) over blocks, then each
+block is trimmed on its own (`weightx.topk.trim_block_`), bit for bit as on the whole tensor.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -20,23 +24,52 @@ from pydantic import field_validator
 from pydantic_core import PydanticCustomError
 
 from weightx.edits.base import EditConfig, TensorContext
-from weightx.edits.dare import L1_EPS, l1_norm
-from weightx.topk import trim_
+from weightx.edits.dare import l1_chunks, l1_factor, l1_norm
+from weightx.topk import Blocks, Selection, keep_count, select_blocks, trim_, trim_block_
 
 PAPER = "https://arxiv.org/abs/2306.01708"
 
 
-def magnitude_(delta: torch.Tensor, density: float, rescale: Literal["none", "inverse_keep", "l1"] = "none") -> torch.Tensor:
-    """Magnitude pruning in place (whole tensor)."""
-    norm_in = l1_norm(delta) if rescale == "l1" else 0.0
-    delta = trim_(delta.contiguous(), density)
+def magnitude_(
+    delta: torch.Tensor,
+    density: float,
+    rescale: Literal["none", "inverse_keep", "l1"] = "none",
+    state: "MagnitudeState | None" = None,
+    start: int = 0,
+) -> torch.Tensor:
+    """Magnitude pruning in place: of the whole tensor, or with `state` (from `prepare_magnitude`)
+    of its block at flat index `start`, bit for bit that block of the whole-tensor result."""
+    if state is not None:
+        delta = trim_block_(delta.contiguous(), state.sel, start)
+        scale = state.l1_scale
+    else:
+        sums_in = l1_chunks(delta) if rescale == "l1" else []
+        delta = trim_(delta.contiguous(), density)
+        scale = l1_factor(sum(sums_in), l1_norm(delta)) if rescale == "l1" else None
     if rescale == "inverse_keep" and density < 1.0:
         delta.mul_(1.0 / density)
-    elif rescale == "l1":
-        norm_out = l1_norm(delta)
-        if norm_in >= L1_EPS and norm_out >= L1_EPS:
-            delta.mul_(norm_in / norm_out)
+    elif rescale == "l1" and scale is not None:
+        delta.mul_(scale)
     return delta
+
+
+@dataclass
+class MagnitudeState:
+    sel: Selection
+    l1_scale: float | None = None
+
+
+def prepare_magnitude(blocks: Blocks, n: int, density: float, rescale: str) -> MagnitudeState:
+    """The tensor-wide threshold (and `l1` factor, from chunk sums folded in block order)."""
+    state = MagnitudeState(select_blocks(blocks, n, [keep_count(density, n)])[0])
+    if rescale == "l1":
+        sums_in: list[float] = []
+        sums_out: list[float] = []
+        for start, (d,) in blocks():
+            sums_in += l1_chunks(d)
+            sums_out += l1_chunks(trim_block_(d, state.sel, start))
+        state.l1_scale = l1_factor(sum(sums_in), sum(sums_out))
+    return state
 
 
 def check_density(v: float) -> float:
@@ -55,7 +88,8 @@ class Magnitude(EditConfig):
     density: float
     rescale: Literal["none", "inverse_keep", "l1"] = "none"
 
-    elementwise = False  # the threshold is a statistic of the whole tensor
+    elementwise = False  # the threshold is a statistic of the whole tensor …
+    streams = True  # … which `prepare` gathers over blocks first
 
     @field_validator("density")
     @classmethod
@@ -63,7 +97,10 @@ class Magnitude(EditConfig):
         return check_density(v)
 
     def apply(self, delta: torch.Tensor, ctx: TensorContext) -> torch.Tensor:
-        return magnitude_(delta, self.density, self.rescale)
+        return magnitude_(delta, self.density, self.rescale, ctx.state, ctx.offset)
+
+    def prepare(self, blocks: Blocks, ctx: TensorContext) -> MagnitudeState:
+        return prepare_magnitude(blocks, ctx.numel, self.density, self.rescale)
 
     def describe(self) -> str:
         extra = f" rescale={self.rescale}" if self.rescale != "none" else ""

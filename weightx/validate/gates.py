@@ -28,11 +28,10 @@ def split_key(key: str) -> tuple[str, str]:
 
 
 @dataclass(frozen=True)
-class Gate:
+class _Keyed:
+    """Something addressed by a `task/metric` key."""
+
     key: str  # task/metric as written
-    op: str
-    ref: str | None  # a compared alias, or None for a plain number
-    offset: float  # the number (ref None) or the margin added to the alias's value
 
     @property
     def task(self) -> str:
@@ -41,6 +40,13 @@ class Gate:
     @property
     def metric(self) -> str:
         return split_key(self.key)[1]
+
+
+@dataclass(frozen=True)
+class Gate(_Keyed):
+    op: str
+    ref: str | None  # a compared alias, or None for a plain number
+    offset: float  # the number (ref None) or the margin added to the alias's value
 
     @property
     def text(self) -> str:
@@ -133,19 +139,10 @@ def check(gates: list[Gate], results: dict[str, dict[str, dict[str, dict]]], out
 
 
 @dataclass(frozen=True)
-class Selector:
+class Selector(_Keyed):
     """`select: [max|min] task/metric`: the sweep keeps the candidate with the best value."""
 
-    key: str
     direction: str | None  # "max" / "min", or None: lm-eval's higher_is_better for that metric
-
-    @property
-    def task(self) -> str:
-        return split_key(self.key)[0]
-
-    @property
-    def metric(self) -> str:
-        return split_key(self.key)[1]
 
 
 def parse_select(text: str) -> Selector:

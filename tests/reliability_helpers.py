@@ -84,6 +84,11 @@ class Run:
     stderr: str
 
 
+def _read(path: Path) -> str:
+    # A child killed right after the fork may die before it opens its capture files.
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
 class Zygote:
     def __init__(self, workdir: Path):
         self.workdir = workdir
@@ -114,7 +119,7 @@ class Zygote:
 
     def wait(self, pid: int, out: Path, err: Path) -> Run:
         code = self._ask({"op": "wait", "pid": pid})["code"]
-        return Run(code, out.read_text(errors="replace"), err.read_text(errors="replace"))
+        return Run(code, _read(out), _read(err))
 
     def run(self, *args: str, **kw) -> Run:
         return self.wait(*self.start(*args, **kw))

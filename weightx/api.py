@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from weightx import __version__
 from weightx.card import render_card
 from weightx.engine import TensorStats, pick_device, write_shards
@@ -19,18 +21,6 @@ from weightx.plan import Plan, build_plan
 from weightx.provenance import Hasher
 from weightx.recipe import Recipe, load_recipe
 from weightx.safetensors_io import DTYPES
-
-
-def torch_device(name: str):
-    import torch
-
-    return torch.device(name)
-
-
-def cuda_count() -> int:
-    import torch
-
-    return torch.cuda.device_count()
 
 
 @dataclass
@@ -143,7 +133,7 @@ def execute(plan: Plan, *, device: str = "auto", overwrite: bool = False, progre
     ranks = detect()
     dev = pick_device(device)
     if dev.type == "cuda" and ranks.active and dev.index is None:
-        dev = torch_device(f"cuda:{ranks.local_rank % max(1, cuda_count())}")
+        dev = torch.device(f"cuda:{ranks.local_rank % max(1, torch.cuda.device_count())}")
     from weightx.global_ternary import prepare  # global ternary statistics: may resize planned parts and shards
 
     prepare(plan, dev)

@@ -37,11 +37,6 @@ class Dist:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def _objects(self, fn: Callable[[list], None], value: Any) -> list:
-        box = [value]
-        fn(box)
-        return box
-
     def broadcast(self, value: T) -> T:
         """Rank 0's value, on every rank."""
         if not self.active:

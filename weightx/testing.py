@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from weightx.provenance import sha256_file  # noqa: F401 - re-exported for tests
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
@@ -277,14 +279,6 @@ def _derive_seed(seed: int, name: str) -> int:
 
 
 # ----------------------------------------------------------------------------- Hub cache
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def git_blob_sha1(data: bytes) -> str:

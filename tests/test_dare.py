@@ -35,9 +35,10 @@ def rel_close(a: np.ndarray, b: np.ndarray, tol: float = 1e-6) -> bool:
 
 
 def test_hash_matches_the_documented_spec():
-    """The torch int64 emulation equals plain uint32 arithmetic (numpy), hence any device's."""
+    """The torch int32 bit-pattern arithmetic equals plain uint32 arithmetic (numpy), hence any
+    device's: across the int32 sign boundary (2³¹) and up to 2³²."""
     for key in (0, 1, seed_key(0, "model.layers.0.mlp.up_proj.weight"), (1 << 63) - 1):
-        for start, count in ((0, 5000), (123_456_789, 3000), ((1 << 32) - 2000, 2000)):
+        for start, count in ((0, 5000), (123_456_789, 3000), ((1 << 31) - 1500, 3000), ((1 << 32) - 2000, 2000)):
             got = rng.hash_range(key, start, count).numpy()
             assert np.array_equal(got, np_hash(key, start, count).astype(np.int64))
 
@@ -58,6 +59,17 @@ def test_mask_is_the_spec_and_u_is_24_bit():
     assert u.dtype == np.float32 and u.min() >= 0 and u.max() < 1
     assert np.array_equal(u * 2.0**24, np.floor(u * 2.0**24))  # exactly on the 2^-24 grid
     assert np.array_equal(u < 0.37, m.numpy())
+
+
+@pytest.mark.parametrize("p", [0.0, 1e-7, 0.5, 0.9, 1.0 - 2.0**-24, 1.0])
+def test_mask_edges_of_p_and_of_the_signed_range(p):
+    """Unsigned h < T done as a signed compare: p = 0 drops nothing, p = 1 everything, and hashes
+    on either side of 2³¹ compare as unsigned words (numpy reference)."""
+    for start in (0, (1 << 31) - 2500):
+        m = rng.drop_mask(seed_key(5, "b.weight"), start, 5000, p).numpy()
+        assert np.array_equal(m, np_drop_mask(5, "b.weight", 5000, p, start=start)), (p, start)
+    if p in (0.0, 1.0):
+        assert m.all() == (p == 1.0) and m.any() == (p == 1.0)
 
 
 def test_blocks_give_the_same_mask_as_the_whole_tensor():

@@ -9,10 +9,10 @@ every device, so any block of any tensor can be drawn on its own.
 The hash is two rounds of Wellons' "lowbias32" integer finaliser (a bijection on 32-bit words),
 keyed before each round: h = f(f(i ⊕ k₀) ⊕ k₁), with k₀, k₁ two 32-bit words of the key
 (`TensorContext.seed_key`, from sha256 of seed and tensor name). Indices ≥ 2³² fold their high word
-into k₀. Values live in int64 tensors holding unsigned 32-bit words: a product of a word and a
-multiplier written as a signed 32-bit constant stays below 2⁶³ in magnitude (no overflow, which
-is undefined in C++), masking to 32 bits afterwards gives the product mod 2³², and right shifts
-of non-negative values are logical.
+into k₀. Values are computed in int32 tensors holding the words' bit patterns: products wrap
+mod 2³² (two's complement, as every torch backend computes int32 multiplies), right shifts are made
+logical by masking off the copied sign bits, and unsigned comparisons flip the sign bit first.
+int32 is twice as fast as int64 emulation on CPU SIMD and native on GPUs.
 
 Uniforms use the top 24 bits, u = (h >> 8) / 2²⁴, exact in float32; `drop_mask` compares the
 integers directly (u < p ⇔ h < ⌈p·2²⁴⌉·2⁸), so P(drop) = ⌈p·2²⁴⌉/2²⁴, within 6e-8 of p.
@@ -30,19 +30,21 @@ M32 = 0xFFFFFFFF
 _C1 = 0x7FEB352D  # lowbias32 multipliers (Wellons, "Hash function prospector")
 _C2 = 0x846CA68B
 _GOLDEN = 0x9E3779B9
-# Elements hashed at once (the values never depend on it). On CPU two 1 MB int64 buffers stay in
-# a core's L2 cache; on a GPU bigger chunks mean fewer kernel launches.
+# Elements hashed at once (the values never depend on it). On CPU two 512 KB int32 buffers stay
+# in a core's L2 cache; on a GPU bigger chunks mean fewer kernel launches.
 CHUNK = 1 << 17
 GPU_CHUNK = 1 << 22
 UNIFORM_BITS = 24
 
 
 def _signed32(c: int) -> int:
-    """c mod 2³² as a value in [−2³¹, 2³¹): |word · c| < 2⁶³, so int64 products never overflow."""
+    """The int32 with the bit pattern of the 32-bit word c."""
+    c &= M32
     return c - (1 << 32) if c >= 1 << 31 else c
 
 
 _S1, _S2 = _signed32(_C1), _signed32(_C2)
+_SIGN = -(1 << 31)
 
 
 def mix32(x: int) -> int:
@@ -56,16 +58,20 @@ def mix32(x: int) -> int:
     return x
 
 
+def _xorshift_(h: torch.Tensor, tmp: torch.Tensor, s: int) -> None:
+    """h ^= h >>> s (logical) on int32 bit patterns: the arithmetic shift's sign copies masked off."""
+    torch.bitwise_right_shift(h, s, out=tmp)
+    h.bitwise_xor_(tmp.bitwise_and_((1 << (32 - s)) - 1))
+
+
 def _mix_(h: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
-    """lowbias32 in place on an int64 tensor of 32-bit words; `tmp` is scratch of the same size."""
-    torch.bitwise_right_shift(h, 16, out=tmp)
-    h.bitwise_xor_(tmp)
-    h.mul_(_S1).bitwise_and_(M32)
-    torch.bitwise_right_shift(h, 15, out=tmp)
-    h.bitwise_xor_(tmp)
-    h.mul_(_S2).bitwise_and_(M32)
-    torch.bitwise_right_shift(h, 16, out=tmp)
-    return h.bitwise_xor_(tmp)
+    """lowbias32 in place on an int32 tensor of words; `tmp` is scratch of the same size."""
+    _xorshift_(h, tmp, 16)
+    h.mul_(_S1)
+    _xorshift_(h, tmp, 15)
+    h.mul_(_S2)
+    _xorshift_(h, tmp, 16)
+    return h
 
 
 def key_words(key: int, hi: int = 0) -> tuple[int, int]:
@@ -81,29 +87,34 @@ def _chunk(device: torch.device) -> int:
 
 
 def hash_range(key: int, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """32-bit hashes (int64 tensor) of flat indices start … start+count−1 under `key`."""
+    """32-bit hashes (int64 tensor of values in [0, 2³²)) of flat indices start … start+count−1."""
     device = torch.device(device)
     out = torch.empty(count, dtype=torch.int64, device=device)
     step = _chunk(device)
-    tmp = torch.empty(min(count, step), dtype=torch.int64, device=device)
+    h, tmp = (torch.empty(min(count, step), dtype=torch.int32, device=device) for _ in range(2))
     for s in range(0, count, step):
         c = min(step, count - s)
-        _hash_into(out[s : s + c], tmp[:c], key, start + s)
+        _hash_into(h[:c], tmp[:c], key, start + s)
+        out[s : s + c] = h[:c]
+        out[s : s + c].bitwise_and_(M32)
     return out
 
 
 def _hash_into(h: torch.Tensor, tmp: torch.Tensor, key: int, start: int) -> None:
-    # Split at 2³² boundaries so every piece has one high word (only tensors over 4G elements).
+    """Words of the indices' hashes into the int32 tensor h (bit patterns; see the module doc)."""
+    # Split at 2³¹ boundaries: every piece has one high word and an int32 arange (only tensors
+    # over 2G elements have more than one).
     n, pos = h.numel(), 0
     while pos < n:
         i = start + pos
         hi, lo = i >> 32, i & M32
-        c = min(n - pos, (1 << 32) - lo)
+        c = min(n - pos, (1 << 31) - (lo & ((1 << 31) - 1)))
         k0, k1 = key_words(key, hi)
         piece, t = h[pos : pos + c], tmp[pos : pos + c]
-        torch.arange(lo, lo + c, dtype=torch.int64, device=h.device, out=piece)
-        _mix_(piece.bitwise_xor_(k0), t)
-        _mix_(piece.bitwise_xor_(k1), t)
+        first = _signed32(lo)
+        torch.arange(first, first + c, dtype=torch.int32, device=h.device, out=piece)
+        _mix_(piece.bitwise_xor_(_signed32(k0)), t)
+        _mix_(piece.bitwise_xor_(_signed32(k1)), t)
         pos += c
 
 
@@ -124,15 +135,15 @@ _local = threading.local()
 
 
 def _scratch(count: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Two int64 buffers and a bool buffer of ≥ count elements, reused per thread and device:
+    """Two int32 buffers and a bool buffer of ≥ count elements, reused per thread and device:
     fresh allocations per block cost more in page faults than the hash itself."""
     cache: dict = _local.__dict__.setdefault("bufs", {})
     bufs = cache.get(device)
     if bufs is None or bufs[0].numel() < count:
         n = max(count, 1 << 16)
         bufs = cache[device] = (
-            torch.empty(n, dtype=torch.int64, device=device),
-            torch.empty(n, dtype=torch.int64, device=device),
+            torch.empty(n, dtype=torch.int32, device=device),
+            torch.empty(n, dtype=torch.int32, device=device),
             torch.empty(n, dtype=torch.bool, device=device),
         )
     return bufs[0][:count], bufs[1][:count], bufs[2][:count]
@@ -141,14 +152,18 @@ def _scratch(count: int, device: torch.device) -> tuple[torch.Tensor, torch.Tens
 def drop_chunks(key: int, start: int, count: int, p: float, device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (position, bool mask) for successive chunks of the range; True (drop) with probability
     p. The mask is a reused buffer: use it before asking for the next chunk."""
+    # Unsigned h < T as signed int32: flip both sign bits. T = 2³² (p = 1) drops everything.
     threshold = drop_threshold(p)
     device = torch.device(device)
     step = _chunk(device)
     for s in range(0, count, step):
         c = min(step, count - s)
         h, tmp, mask = _scratch(c, device)
+        if threshold > M32:
+            yield s, mask.fill_(True)
+            continue
         _hash_into(h, tmp, key, start + s)
-        yield s, torch.lt(h, threshold, out=mask)
+        yield s, torch.lt(h.bitwise_xor_(_SIGN), threshold + _SIGN, out=mask)
 
 
 def drop_mask(key: int, start: int, count: int, p: float, device: torch.device | str = "cpu") -> torch.Tensor:

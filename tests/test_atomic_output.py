@@ -70,7 +70,7 @@ def test_failure_mid_run_cleans_up(tmp_path, family, monkeypatch):
     def boom(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(engine.ShardWriter, "write", boom)
+    monkeypatch.setattr(engine.ShardWriter, "write_raw", boom)
     from weightx.output import OutputError
 
     with pytest.raises(OutputError, match="the disk is full; the temporary files were removed"):

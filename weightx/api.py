@@ -57,6 +57,19 @@ def _progress_bar(total: int, enabled: bool | None) -> tuple[Callable[[int], Non
     return bar.update, bar.close
 
 
+def _preload(module: str) -> None:
+    """Import `module` on a background thread (import locks make this safe): its cost overlaps the
+    stream instead of adding to the end of the run. Any error resurfaces at the real import."""
+    import importlib
+    import threading
+
+    def run() -> None:
+        with contextlib.suppress(Exception):
+            importlib.import_module(module)
+
+    threading.Thread(target=run, name="weightx-preload", daemon=True).start()
+
+
 def _input_files(plan: Plan, shards: list) -> set[Path]:
     """The local input files the tensors of `shards` read."""
     files = set()
@@ -157,6 +170,8 @@ def execute(plan: Plan, *, device: str = "auto", overwrite: bool = False, progre
         _distill(plan, dev, ranks)  # BitDelta scale distillation, before any writing
         if os.environ.get("WEIGHTX_TEST_FAIL_RANK") == str(ranks.rank) and ranks.active:
             raise RuntimeError(f"injected failure on rank {ranks.rank}")  # for the scale-out tests
+        if ranks.is_main:
+            _preload("huggingface_hub.repocard")  # the card needs it at the end; import while streaming
         stats = write_shards(plan, tmp, dev, update, shards=[s for s in mine if s.filename not in adopted], on_shard=log.add)
         stats.update(log.stats({s.filename for s in mine} & set(adopted)))
         hashes = hasher.result()

@@ -260,30 +260,65 @@ def _intra_op(threads: int, active: bool) -> Iterator[None]:
 
 
 class _Writer(threading.Thread):
-    """Drains (writer, tensor) items so disk writes overlap the next block's compute."""
+    """Drains (writer, tensor) items so disk writes overlap the next block's compute. The sha256 of
+    each shard runs on a second thread in write order: writing (a page-cache copy) and hashing
+    each cost about as much as the compute, so one thread doing both would set the pace."""
 
     def __init__(self, on_bytes: Callable[[int], None], on_shard: Callable[[ShardWriter], None] | None = None):
         super().__init__(name="weightx-writer", daemon=True)
         self.q: queue.Queue = queue.Queue(maxsize=8)
+        self.hq: queue.Queue = queue.Queue(maxsize=16)
         self.error: BaseException | None = None
         self.on_bytes = on_bytes
         self.on_shard = on_shard
+        self._hasher = threading.Thread(target=self._hash, name="weightx-hash-out", daemon=True)
+
+    def start(self) -> None:
+        self._hasher.start()
+        super().start()
+
+    def join(self, timeout: float | None = None) -> None:
+        super().join(timeout)
+        self._hasher.join(timeout)
 
     def run(self) -> None:
+        try:
+            while True:
+                item = self.q.get()
+                if item is None:
+                    return
+                if self.error is not None:
+                    continue  # keep draining so the producer never blocks forever
+                writer, data = item
+                try:
+                    if data is None:
+                        writer.close()
+                        self.hq.put((writer, None))  # complete and fsynced: the hasher finishes it
+                    else:
+                        raw = writer.raw(data)
+                        writer.write_raw(raw)
+                        self.hq.put((writer, raw))
+                        self.on_bytes(raw.nbytes)
+                except BaseException as e:
+                    self.error = e
+        finally:
+            self.hq.put(None)
+
+    def _hash(self) -> None:
         while True:
-            item = self.q.get()
+            item = self.hq.get()
             if item is None:
                 return
             if self.error is not None:
-                continue  # keep draining so the producer never blocks forever
-            writer, data = item
+                continue
+            writer, raw = item
             try:
-                if data is None:
-                    writer.close()
-                    if self.on_shard is not None:  # the shard is complete and fsynced; writer.sha256 is set
-                        self.on_shard(writer)
+                if raw is not None:
+                    writer.hash_raw(raw)
                 else:
-                    self.on_bytes(writer.write(data))
+                    writer.finish_hash()
+                    if self.on_shard is not None:  # writer.sha256 is set
+                        self.on_shard(writer)
             except BaseException as e:
                 self.error = e
 
@@ -305,7 +340,7 @@ def write_shards(
 ) -> dict[str, TensorStats]:
     """Compute the planned tensors (of `shards`, default all) into `folder`; return per-tensor stats.
 
-    `on_shard(writer, stats)` runs on the writer thread once a shard is complete and fsynced (for
+    `on_shard(writer, stats)` runs on the output hashing thread once a shard is complete and fsynced (for
     its hash and the resume record); the stats of that shard's tensors are final by then."""
     inputs = Inputs()
     computer = TensorComputer(plan, inputs, device, block)
@@ -338,7 +373,7 @@ def write_shards(
         if pool is not None:
             torch.set_num_threads(1)
         for shard in shards:
-            sw = ShardWriter(folder / shard.filename, [o for t in shard.tensors for o in t.outs])
+            sw = ShardWriter(folder / shard.filename, [o for t in shard.tensors for o in t.outs], hash_on_close=False)
             open_writers.append(sw)
             for t in shard.tensors:
                 if nxt < len(order):

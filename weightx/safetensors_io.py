@@ -36,8 +36,11 @@ FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+_ITEMSIZE = {code: dt.itemsize for code, dt in DTYPES.items()}
+
+
 def itemsize(code: str) -> int:
-    return torch.empty((), dtype=DTYPES[code]).element_size()
+    return _ITEMSIZE[code]  # called per block and per tensor: a dict lookup, not a tensor
 
 
 @dataclass(frozen=True)
@@ -245,31 +248,48 @@ def layout_header(tensors: list[OutTensor], metadata: dict[str, str] | None = No
 class ShardWriter:
     """Writes one shard front to back: header first, then each tensor's bytes as they arrive."""
 
-    def __init__(self, path: Path, tensors: list[OutTensor], metadata: dict[str, str] | None = None):
+    def __init__(self, path: Path, tensors: list[OutTensor], metadata: dict[str, str] | None = None, hash_on_close: bool = True):
         self.path = path
         self.tensors = tensors
         header, _ = layout_header(tensors, metadata)
         self.total = len(header) + sum(t.nbytes for t in tensors)
         self.sha256: str | None = None  # set by close(): the file's hash, computed as it is written
         self._hash = hashlib.sha256(header)
+        self._hash_on_close = hash_on_close  # False: another thread hashes and calls finish_hash
         self._f: BinaryIO = open(path, "wb")
         self._f.write(header)
         self._written = len(header)
 
     def write(self, data: torch.Tensor) -> int:
-        raw = memoryview(data.contiguous().view(-1).view(torch.uint8).numpy())
-        self._f.write(raw)
-        self._hash.update(raw)  # releases the GIL on large buffers: overlaps the next block's compute
-        self._written += raw.nbytes
+        """Write and hash a block (the engine splits the two across threads: `write_raw`, `hash_raw`)."""
+        raw = self.raw(data)
+        self.write_raw(raw)
+        self.hash_raw(raw)
         return raw.nbytes
 
+    @staticmethod
+    def raw(data: torch.Tensor) -> memoryview:
+        return memoryview(data.contiguous().view(-1).view(torch.uint8).numpy())
+
+    def write_raw(self, raw: memoryview) -> None:
+        self._f.write(raw)
+        self._written += raw.nbytes
+
+    def hash_raw(self, raw: memoryview) -> None:
+        self._hash.update(raw)  # releases the GIL on large buffers
+
     def close(self) -> None:
+        """Flush and fsync; then `finish_hash` (after the last `hash_raw`) sets sha256."""
         if self._written != self.total:
             self._f.close()
             raise RuntimeError(f"{self.path}: wrote {self._written} of {self.total} bytes")
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
+        if self._hash_on_close:
+            self.finish_hash()
+
+    def finish_hash(self) -> None:
         self.sha256 = self._hash.hexdigest()
 
     def abort(self) -> None:

@@ -71,15 +71,26 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 BLOCKS = (1000, 4096, 77_777, 1 << 17, N)
 
 
+@pytest.mark.parametrize("members", ["kept", "over budget: counted again"])
 @pytest.mark.parametrize("density", [0.5, 0.1, 0.013, 0.9])
-def test_select_blocks_equals_the_whole_tensor_threshold(density):
+def test_select_blocks_equals_the_whole_tensor_threshold(density, members, monkeypatch):
+    """(v, r, e) as on the whole tensor, and each block's count of ties at v (and of those before
+    it), whether taken from the threshold bucket's kept members or from a pass of their own."""
+    import weightx.topk as topk
+
+    if members != "kept":
+        monkeypatch.setattr(topk, "MEMBER_BYTES", 0)
     xs = bf16_deltas(2, seed=1)
     for x in xs:
         k = keep_count(density, N)
         v, r, e = threshold_bits(x.clone(), k)
+        at_v = x.view(torch.int32).bitwise_and(0x7FFFFFFF) == v
         for block in BLOCKS:
             sel = select_blocks(lambda: ((s, [x[s : s + c]]) for s, c in ranges(N, block)), N, [k])[0]
             assert (sel.v, sel.r, sel.e) == (v, r, e)
+            if sel.partial:
+                assert sel.within == {s: int(at_v[s : s + c].sum()) for s, c in ranges(N, block)}
+                assert sel.before == {s: int(at_v[:s].sum()) for s, c in ranges(N, block)}
 
 
 @pytest.mark.parametrize("zero_sign", ["positive", "majority"])
@@ -154,7 +165,14 @@ def _read(folder: Path) -> dict[str, bytes]:
         ({"ties": {"density": 0.5}}, [[{"dare": {"drop": 0.3, "rescale": "l1", "seed": 1}}], [{"magnitude": {"density": 0.7}}]]),
     ],
 )
-def test_engine_streams_and_equals_the_whole_tensor_path(merge_family, tmp_path, monkeypatch, combine, edits):
+@pytest.mark.parametrize("cache", ["decoded once", "re-read per pass"])
+def test_engine_streams_and_equals_the_whole_tensor_path(merge_family, tmp_path, monkeypatch, combine, edits, cache):
+    """Pre-passes on the block pool, over blocks decoded once (PASS_CACHE_BYTES) or re-read from
+    the mappings each pass, give the bytes of the whole-tensor path."""
+    import weightx.engine as engine
+
+    if cache == "re-read per pass":
+        monkeypatch.setattr(engine, "PASS_CACHE_BYTES", 0)
     doc = {
         "models": {k: str(merge_family[k]) for k in ("base", "math", "code")},
         "base": "base",

@@ -4,7 +4,8 @@ Inputs are mmap'd views; each output tensor is computed in float32 (in blocks wh
 elementwise), rounded once to the output dtype, and handed to a writer thread that streams it into
 a shard whose header was laid out from the plan. Steps that need a tensor-wide statistic but can
 gather it over blocks (`streams`: TIES, magnitude, DARE `l1`) get pre-passes that recompute the
-blocks from the mapped inputs, then run per block too. Memory is a few blocks plus, for the other
+blocks (run on the block pool; decoded once when the tensor fits PASS_CACHE_BYTES, else re-read
+from the mappings), then run per block too. Memory is a few blocks plus, for the other
 whole-tensor edits (bitdelta, ternary), a few copies of the largest tensor, whatever the model size.
 """
 
@@ -28,6 +29,10 @@ from weightx.sources import Source
 from weightx.verify import nonfinite_block
 
 BLOCK_ELEMENTS = 1 << 20
+# A streamed tensor whose float32 base and deltas fit in this many bytes is decoded once and kept
+# for its pre-passes and final blocks instead of re-read from the mappings on every pass. A fixed
+# budget, so peak memory still does not grow with the model (larger tensors re-read).
+PASS_CACHE_BYTES = 160 << 20
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -80,8 +85,14 @@ def _sq(x: torch.Tensor) -> float:
 class TensorComputer:
     """Computes one planned tensor as a sequence of output blocks (flat, in the output dtype)."""
 
-    def __init__(self, plan: Plan, inputs: Inputs, device: torch.device, block: int = BLOCK_ELEMENTS):
+    def __init__(self, plan: Plan, inputs: Inputs, device: torch.device, block: int = BLOCK_ELEMENTS,
+                 pool: ThreadPoolExecutor | None = None, workers: int = 1):
         self.plan = plan
+        self.pool = pool  # the engine's block pool: pre-passes run their blocks on it
+        self.workers = workers
+        # Per cached streamed tensor (see PASS_CACHE_BYTES): block start → (base, [θ_i − base]).
+        self._cache: dict[str, dict[int, tuple[torch.Tensor, list[torch.Tensor]]]] = {}
+        self._delta_index = {id(src): i for i, (_, src) in enumerate(plan.deltas)}
         self.inputs = inputs
         self.device = device
         self.block = block
@@ -93,6 +104,9 @@ class TensorComputer:
         self._state_lock = threading.Lock()
 
     def _load(self, src: Source, t: TensorPlan, start: int, count: int) -> torch.Tensor:
+        cached = self._cache.get(t.name)
+        if cached is not None and src is self.plan.base:
+            return cached[start][0].clone()  # callers modify blocks in place
         mf, info = self.inputs.get(src, t.name)
         x = mf.view(info, start, count)
         if self.device.type != "cpu":
@@ -102,6 +116,9 @@ class TensorComputer:
 
     def _delta(self, src: Source, t: TensorPlan, start: int, count: int, base: torch.Tensor) -> torch.Tensor:
         """θ_i − base. A delta artifact hands over its decoded delta directly: no (base + δ̂) − base round trip."""
+        cached = self._cache.get(t.name)
+        if cached is not None:
+            return cached[start][1][self._delta_index[id(src)]].clone()
         if src.artifact is not None and src.artifact.is_compressed(t.name):
             return src.artifact.decoded(t.name, start, count, base.device)
         return self._load(src, t, start, count).sub_(base)
@@ -142,29 +159,40 @@ class TensorComputer:
                 return states
             states = {}
             ctx = TensorContext(t.name, t.shape, 0)
+            self._fill_cache(t)
             for i in range(len(self.plan.deltas)):
                 for j, edit in enumerate(t.edits[i]):
                     if edit.elementwise:
                         continue
 
-                    def one(i: int = i, j: int = j) -> Iterator[tuple[int, list[torch.Tensor]]]:
-                        for start, count in self.ranges(t):
-                            base = self._load(self.plan.base, t, start, count)
-                            yield start, [self._edited(t, states, start, count, base, i, j).contiguous()]
+                    def one(start: int, count: int, i: int = i, j: int = j) -> list[torch.Tensor]:
+                        base = self._load(self.plan.base, t, start, count)
+                        return [self._edited(t, states, start, count, base, i, j).contiguous()]
 
-                    states[(i, j)] = edit.prepare(one, ctx)
+                    states[(i, j)] = edit.prepare(_BlockSource(one, self.ranges(t), self.pool, self.workers), ctx)
             combine = self.plan.recipe.combine
             if not combine.elementwise:
 
-                def every() -> Iterator[tuple[int, list[torch.Tensor]]]:
-                    for start, count in self.ranges(t):
-                        base = self._load(self.plan.base, t, start, count)
-                        n = len(self.plan.deltas)
-                        yield start, [self._edited(t, states, start, count, base, i, len(t.edits[i])).contiguous() for i in range(n)]
+                def every(start: int, count: int) -> list[torch.Tensor]:
+                    base = self._load(self.plan.base, t, start, count)
+                    n = len(self.plan.deltas)
+                    return [self._edited(t, states, start, count, base, i, len(t.edits[i])).contiguous() for i in range(n)]
 
-                states["combine"] = combine.prepare(every, list(self.weights), ctx)
+                states["combine"] = combine.prepare(_BlockSource(every, self.ranges(t), self.pool, self.workers), list(self.weights), ctx)
             self._states[t.name] = states
             return states
+
+    def _fill_cache(self, t: TensorPlan) -> None:
+        """Decode a streamed tensor's base and raw deltas once when they fit PASS_CACHE_BYTES."""
+        if (1 + len(self.plan.deltas)) * t.numel * 4 > PASS_CACHE_BYTES:
+            return
+
+        def decode(start: int, count: int) -> list[torch.Tensor]:
+            base = self._load(self.plan.base, t, start, count)
+            return [base] + [self._delta(src, t, start, count, base) for _, src in self.plan.deltas]
+
+        src = _BlockSource(decode, self.ranges(t), self.pool, self.workers)
+        self._cache[t.name] = {start: (xs[0], xs[1:]) for start, xs in src.imap(lambda start, xs: (start, xs))}
 
     def compute(self, t: TensorPlan, start: int, count: int, stats: TensorStats | None = None) -> tuple[torch.Tensor, Partial | None]:
         """One output block (flat, output dtype, on the CPU) and its partial sums for the stats."""
@@ -221,6 +249,7 @@ class TensorComputer:
         """Forget a finished tensor's pre-pass state."""
         with self._state_lock:
             self._states.pop(t.name, None)
+            self._cache.pop(t.name, None)
 
     def blocks(self, t: TensorPlan, stats: TensorStats | None = None) -> Iterator[torch.Tensor]:
         """The tensor's output blocks in order, computed on this thread."""
@@ -231,6 +260,37 @@ class TensorComputer:
             yield out
         self.finish(stats, parts)
         self.release(t)
+
+
+class _BlockSource:
+    """The blocks of one streamed tensor, for a pre-pass (`weightx.topk.each_block`): `make(start,
+    count)` computes a block's tensors. Called, it yields them in turn on this thread; `imap(fn)`
+    computes each block and applies fn on the engine's pool, yielding the results in block order
+    with at most 2 × workers blocks in flight."""
+
+    def __init__(self, make: Callable[[int, int], list[torch.Tensor]], ranges: list[tuple[int, int]],
+                 pool: ThreadPoolExecutor | None, workers: int):
+        self.make, self.ranges, self.pool, self.workers = make, ranges, pool, workers
+
+    def __call__(self) -> Iterator[tuple[int, list[torch.Tensor]]]:
+        for start, count in self.ranges:
+            yield start, self.make(start, count)
+
+    def imap(self, fn: Callable[[int, list[torch.Tensor]], object]) -> Iterator:
+        if self.pool is None:
+            yield from (fn(start, xs) for start, xs in self())
+            return
+        window: deque[Future] = deque()
+        try:
+            for start, count in self.ranges:
+                window.append(self.pool.submit(lambda s, c: fn(s, self.make(s, c)), start, count))
+                if len(window) >= 2 * self.workers:
+                    yield window.popleft().result()
+            while window:
+                yield window.popleft().result()
+        finally:
+            for fut in window:
+                fut.cancel()
 
 
 @dataclass
@@ -343,7 +403,6 @@ def write_shards(
     `on_shard(writer, stats)` runs on the output hashing thread once a shard is complete and fsynced (for
     its hash and the resume record); the stats of that shard's tensors are final by then."""
     inputs = Inputs()
-    computer = TensorComputer(plan, inputs, device, block)
     stats: dict[str, TensorStats] = {}
     writer = _Writer(progress, (lambda sw: on_shard(sw, stats)) if on_shard is not None else None)
     writer.start()
@@ -356,6 +415,7 @@ def write_shards(
     threads = torch.get_num_threads()
     workers = threads if (device.type == "cpu" and threads > 1 and workers is None) else (workers or 1)
     pool = ThreadPoolExecutor(workers, thread_name_prefix="weightx-compute") if workers > 1 else None
+    computer = TensorComputer(plan, inputs, device, block, pool, workers)
     pending: deque = deque()  # (shard writer, tensor, stats, parts, future or value, last block?)
 
     def drain(keep: int) -> None:
@@ -391,10 +451,9 @@ def write_shards(
                 ranges = computer.ranges(t)
                 parts: list = []
                 if t.edit and computer.streams(t):
-                    # The pre-passes walk the blocks in order on this thread, with torch's threads.
+                    # The pre-passes run their blocks on the pool (one intra-op thread each).
                     drain(0)
-                    with _intra_op(threads, pool is not None):
-                        computer.prepare(t)
+                    computer.prepare(t)
                 if pool is None or (t.edit and not t.elementwise and not computer.streams(t)):
                     drain(0)
                     with _intra_op(threads, pool is not None):

@@ -21,11 +21,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import torch
 
 _ABS = 0x7FFFFFFF
+T = TypeVar("T")
+MEMBER_BYTES = 32 << 20  # see select_blocks
 
 
 def keep_count(density: float, n: int) -> int:
@@ -146,6 +148,7 @@ class Selection:
     r: int = 0  # how many entries equal to v are kept …
     e: int = 0  # … of how many
     before: dict[int, int] = field(default_factory=dict)  # block start → ties at v in earlier blocks
+    within: dict[int, int] = field(default_factory=dict)  # block start → ties at v in the block
 
     @property
     def partial(self) -> bool:  # some ties at v (≠ 0) are dropped: the lowest-index r are kept
@@ -155,32 +158,61 @@ class Selection:
 Blocks = Callable[[], Iterable[tuple[int, list[torch.Tensor]]]]
 
 
+def each_block(blocks: Blocks, fn: Callable[[int, list[torch.Tensor]], T]) -> Iterator[T]:
+    """fn(start, xs) for every block, yielded in block order. The engine's block sources compute
+    the blocks and run fn on its thread pool (`.imap`); a plain callable is walked in turn. Folds
+    over the results in this order are the same whatever ran them."""
+    imap = getattr(blocks, "imap", None)
+    return imap(fn) if imap is not None else (fn(start, xs) for start, xs in blocks())
+
+
 def _mags(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1).view(torch.int32).bitwise_and(_ABS)
+
+
+def _high_bits(x: torch.Tensor) -> torch.Tensor:
+    return torch.bitwise_right_shift(x.reshape(-1).view(torch.int32), 16).bitwise_and_(_ABS >> 16)
 
 
 def select_blocks(blocks: Blocks, n: int, ks: list[int]) -> list[Selection]:
     """Exact top-k thresholds of several tensors of n entries streamed together.
 
     `blocks()` yields (start, [x_0 block, x_1 block, …]) in flat order, contiguous float32, and
-    is called once per pass (2, or 3 when ties at the threshold must be split)."""
+    is walked once per pass (2, or 3 when ties at the threshold must be split), through
+    `each_block`: the engine runs a pass's blocks in parallel; the counts are integers, so the
+    result does not depend on it."""
     sels = [Selection(n, min(max(k, 0), n)) for k in ks]
     live = [i for i, s in enumerate(sels) if 0 < s.k < n]
     if not live:
         return sels
+    def high(_: int, xs: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+        return {i: torch.bincount(_high_bits(xs[i]), minlength=1 << 15).cpu() for i in live}
+
     hist = {i: torch.zeros(1 << 15, dtype=torch.int64) for i in live}
-    for _, xs in blocks():
+    for h in each_block(blocks, high):
         for i in live:
-            hi = torch.bitwise_right_shift(xs[i].reshape(-1).view(torch.int32), 16).bitwise_and_(_ABS >> 16)
-            hist[i] += torch.bincount(hi, minlength=1 << 15).cpu()
+            hist[i] += h[i]
     bucket = {i: _kth_bucket(hist[i], sels[i].k) for i in live}
-    lo_hist = {i: torch.zeros(1 << 16, dtype=torch.int64) for i in live}
-    for _, xs in blocks():
+
+    # The k-th bucket's members (low 16 bits) of each block are kept, up to MEMBER_BYTES in all, so
+    # the ties at v per block are counted from them instead of in a third pass over the blocks.
+    kept: dict[int, dict[int, torch.Tensor | None]] = {i: {} for i in live}
+    budget = [MEMBER_BYTES]
+
+    def low(start: int, xs: list[torch.Tensor]) -> tuple[int, dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        hists, members = {}, {}
         for i in live:
             bits = xs[i].reshape(-1).view(torch.int32)
-            hi = torch.bitwise_right_shift(bits, 16).bitwise_and_(_ABS >> 16)
-            members = bits[hi == bucket[i][0]].bitwise_and_(0xFFFF)
-            lo_hist[i] += torch.bincount(members, minlength=1 << 16).cpu()
+            members[i] = bits[_high_bits(xs[i]) == bucket[i][0]].bitwise_and_(0xFFFF)
+            hists[i] = torch.bincount(members[i], minlength=1 << 16).cpu()
+        return start, hists, members
+
+    lo_hist = {i: torch.zeros(1 << 16, dtype=torch.int64) for i in live}
+    for start, hists, members in each_block(blocks, low):
+        for i in live:
+            lo_hist[i] += hists[i]
+            budget[0] -= members[i].numel() * 4
+            kept[i][start] = members[i] if budget[0] >= 0 else None
     for i in live:
         b, above = bucket[i]
         lo, above_lo = _kth_bucket(lo_hist[i], sels[i].k - above)
@@ -188,11 +220,22 @@ def select_blocks(blocks: Blocks, n: int, ks: list[int]) -> list[Selection]:
         s.v, s.r, s.e = (b << 16) | lo, s.k - above - above_lo, int(lo_hist[i][lo])
     split = [i for i in live if sels[i].partial]
     if split:
+        if any(m is None for i in split for m in kept[i].values()):  # over the budget: count again
+
+            def ties_at_v(start: int, xs: list[torch.Tensor]) -> tuple[int, dict[int, int]]:
+                return start, {i: int(torch.count_nonzero(torch.eq(_mags(xs[i]), sels[i].v))) for i in split}
+
+            counted = list(each_block(blocks, ties_at_v))
+        else:
+            starts = list(kept[split[0]])
+            counted = [(st, {i: int(torch.count_nonzero(torch.eq(kept[i][st], sels[i].v & 0xFFFF))) for i in split})
+                       for st in starts]
         seen = {i: 0 for i in split}
-        for start, xs in blocks():
+        for start, counts in counted:  # prefix sums in block order
             for i in split:
                 sels[i].before[start] = seen[i]
-                seen[i] += int(torch.eq(_mags(xs[i]), sels[i].v).sum())
+                sels[i].within[start] = counts[i]
+                seen[i] += counts[i]
     return sels
 
 
@@ -208,8 +251,12 @@ def trim_block_(x: torch.Tensor, sel: Selection, start: int) -> torch.Tensor:
     thr = sel.v if sel.r < sel.e else sel.v - 1
     ties = None
     if sel.partial:
+        # Keep the block's ties at v when the boundary of the r kept ones lies past it, drop them
+        # when it lies before it; only the block holding the boundary needs their positions.
         need = sel.r - sel.before[start]
-        if need > 0:
+        if need >= sel.within[start]:
+            thr = sel.v - 1
+        elif need > 0:
             ties = torch.nonzero(mags == sel.v).view(-1)[:need]
             saved = bits[ties]
     bits.bitwise_and_(mags.neg_().add_(thr).bitwise_right_shift_(31))

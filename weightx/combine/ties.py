@@ -32,7 +32,7 @@ from pydantic import field_validator
 from weightx.combine.base import CombineConfig
 from weightx.edits.base import TensorContext
 from weightx.edits.magnitude import check_density
-from weightx.topk import Blocks, Selection, Workspace, keep_count, select_blocks, trim_, trim_block_
+from weightx.topk import Blocks, Selection, Workspace, each_block, keep_count, select_blocks, trim_, trim_block_
 
 PAPER = "https://arxiv.org/abs/2306.01708"
 
@@ -81,8 +81,11 @@ def ties(
         agree = scratch.view(torch.float32)
         for d, w in zip(deltas, weights):
             divisor.add_(torch.abs(d, out=agree).sign_(), alpha=w)  # w·[d ≠ 0]
-        zero = torch.eq(divisor, 0, out=ws.flags[: divisor.numel()].view(divisor.shape))
-        divisor.masked_fill_(zero, 1.0)
+        # Where nothing agrees the divisor is 0 (and the sum too): make it 1. Bit arithmetic
+        # instead of masked_fill_ (several times slower on CPU): (|bits| − 1) >> 31 is all ones
+        # exactly where |divisor| = 0; masked to the bits of 1.0, added: d + 0.0 = d elsewhere.
+        one = torch.bitwise_and(divisor.view(torch.int32), 0x7FFFFFFF, out=scratch)
+        divisor.add_(one.sub_(1).bitwise_right_shift_(31).bitwise_and_(0x3F800000).view(torch.float32))
     merged = deltas[0]  # the first delta's buffer accumulates the sum
     for d in deltas[1:]:
         merged.add_(d)
@@ -122,11 +125,12 @@ def prepare_ties(blocks: Blocks, n: int, weights: list[float], density: float, z
     trims = select_blocks(blocks, n, [keep_count(density, n)] * len(weights))
     minus = False
     if zero_sign == "majority":
-        neg = pos = 0
-        for start, ds in blocks():
+        def signs(start: int, ds: list[torch.Tensor]) -> tuple[int, int]:
             mass = _trim_and_mass(ds, weights, density, None, TiesState(trims, False), start)
-            neg, pos = neg + int((mass < 0).sum()), pos + int((mass > 0).sum())
-        minus = neg > pos
+            return int((mass < 0).sum()), int((mass > 0).sum())
+
+        counts = list(each_block(blocks, signs))
+        minus = sum(c[0] for c in counts) > sum(c[1] for c in counts)
     return TiesState(trims, minus)
 
 

@@ -35,6 +35,7 @@ from pydantic_core import PydanticCustomError
 
 from weightx import rng
 from weightx.edits.base import EditConfig, TensorContext
+from weightx.topk import each_block
 
 PAPER = "https://arxiv.org/abs/2311.03099"
 UNIFIED_VIEW = "https://arxiv.org/abs/2410.13841"
@@ -116,11 +117,18 @@ def l1_factor(norm_in: float, norm_out: float) -> float | None:
 
 def dare_l1_scale(blocks, *, drop: float, key: int, k: float) -> float | None:
     """The `l1` factor of a streamed tensor: its blocks' chunk sums before and after, in order."""
-    sums: tuple[list[float], list[float]] = ([], [])
-    for start, (d,) in blocks():
+    def chunk_sums(start: int, ds: list[torch.Tensor]) -> tuple[list[float], list[float]]:
+        sums: tuple[list[float], list[float]] = ([], [])
         if drop != 0.0:
-            dare_(d, drop=drop, key=key, offset=start, rescale="l1", k=k, sums=sums)
-    return l1_factor(sum(sums[0]), sum(sums[1]))
+            dare_(ds[0], drop=drop, key=key, offset=start, rescale="l1", k=k, sums=sums)
+        return sums
+
+    before: list[float] = []
+    after: list[float] = []
+    for b, a in each_block(blocks, chunk_sums):  # folded in block order
+        before += b
+        after += a
+    return l1_factor(sum(before), sum(after))
 
 
 class Dare(EditConfig):

@@ -25,7 +25,7 @@ from pydantic_core import PydanticCustomError
 
 from weightx.edits.base import EditConfig, TensorContext
 from weightx.edits.dare import l1_chunks, l1_factor, l1_norm
-from weightx.topk import Blocks, Selection, keep_count, select_blocks, trim_, trim_block_
+from weightx.topk import Blocks, Selection, each_block, keep_count, select_blocks, trim_, trim_block_
 
 PAPER = "https://arxiv.org/abs/2306.01708"
 
@@ -63,11 +63,15 @@ def prepare_magnitude(blocks: Blocks, n: int, density: float, rescale: str) -> M
     """The tensor-wide threshold (and `l1` factor, from chunk sums folded in block order)."""
     state = MagnitudeState(select_blocks(blocks, n, [keep_count(density, n)])[0])
     if rescale == "l1":
+        def chunk_sums(start: int, ds: list[torch.Tensor]) -> tuple[list[float], list[float]]:
+            before = l1_chunks(ds[0])
+            return before, l1_chunks(trim_block_(ds[0], state.sel, start))
+
         sums_in: list[float] = []
         sums_out: list[float] = []
-        for start, (d,) in blocks():
-            sums_in += l1_chunks(d)
-            sums_out += l1_chunks(trim_block_(d, state.sel, start))
+        for before, after in each_block(blocks, chunk_sums):  # folded in block order
+            sums_in += before
+            sums_out += after
         state.l1_scale = l1_factor(sum(sums_in), sum(sums_out))
     return state
 

@@ -68,6 +68,9 @@ def test_mask_edges_of_p_and_of_the_signed_range(p):
     for start in (0, (1 << 31) - 2500):
         m = rng.drop_mask(seed_key(5, "b.weight"), start, 5000, p).numpy()
         assert np.array_equal(m, np_drop_mask(5, "b.weight", 5000, p, start=start)), (p, start)
+        # The AND-words DARE uses: 0 exactly where dropped, all ones where kept.
+        words = torch.cat([w.clone() for _, w in rng.keep_words(seed_key(5, "b.weight"), start, 5000, p, torch.device("cpu"))])
+        assert set(words.unique().tolist()) <= {0, -1} and np.array_equal((words == 0).numpy(), m), (p, start)
     if p in (0.0, 1.0):
         assert m.all() == (p == 1.0) and m.any() == (p == 1.0)
 

@@ -166,6 +166,21 @@ def drop_chunks(key: int, start: int, count: int, p: float, device: torch.device
         yield s, torch.lt(h.bitwise_xor_(_SIGN), threshold + _SIGN, out=mask)
 
 
+def keep_words(key: int, start: int, count: int, p: float, device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
+    """Like `drop_chunks`, as int32 words to AND with float32 bits: 0 where dropped, all ones
+    where kept (no bool mask: masked_fill_ costs more than the hash on CPU)."""
+    t24 = drop_threshold(p) >> (32 - UNIFORM_BITS)  # drop ⇔ h >> 8 < t24, both below 2²⁴ + 1
+    device = torch.device(device)
+    step = _chunk(device)
+    for s in range(0, count, step):
+        c = min(step, count - s)
+        h, tmp, _ = _scratch(c, device)
+        _hash_into(h, tmp, key, start + s)
+        # (h >>> 8) − t24 < 0 ⇔ drop; >> 31 spreads its sign: all ones (drop), then inverted.
+        torch.bitwise_right_shift(h, 32 - UNIFORM_BITS, out=tmp).bitwise_and_((1 << UNIFORM_BITS) - 1)
+        yield s, tmp.sub_(t24).bitwise_right_shift_(31).bitwise_not_()
+
+
 def drop_mask(key: int, start: int, count: int, p: float, device: torch.device | str = "cpu") -> torch.Tensor:
     """Bool mask, True with probability p independently per element (True = drop, as in DARE)."""
     out = torch.empty(count, dtype=torch.bool, device=device)

@@ -88,12 +88,13 @@ def dare_(
     flat = delta.view(-1)
     keep = survivor_factor(drop, k, rescale)
     sums_in, sums_out = sums if sums is not None else ([], [])
-    for s, mask in rng.drop_chunks(key, offset, flat.numel(), drop, flat.device):
+    chunks = rng.keep_words if k == 0.0 else rng.drop_chunks
+    for s, mask in chunks(key, offset, flat.numel(), drop, flat.device):
         part = flat[s : s + mask.numel()]
         if rescale == "l1":
             sums_in += l1_chunks(part)
         if k == 0.0:
-            part.masked_fill_(mask, 0.0)
+            part.view(torch.int32).bitwise_and_(mask)  # dropped entries become +0.0
             if keep != 1.0:
                 part.mul_(keep)
         else:

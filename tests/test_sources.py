@@ -73,3 +73,49 @@ def test_inspect_shows_provenance(family, tmp_path):
     j = run_cli("inspect", str(tmp_path / "out"), "--json")
     doc = json.loads(j.stdout)
     assert doc["tensor_count"] == 21 and doc["weightx"]["status"] == "complete"
+
+
+def test_prehash_starts_early_and_the_run_reuses_it(family, tmp_path, monkeypatch):
+    """`weightx apply` hashes the recipe's local shards before importing torch; the run's own
+    Hasher then waits for those digests instead of hashing again, and records the true sha256."""
+    import hashlib
+
+    import yaml
+
+    from weightx import provenance
+
+    monkeypatch.setenv("WEIGHTX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(provenance, "_inflight", {})
+    calls: list[str] = []
+    real = provenance.sha256_file
+    monkeypatch.setattr(provenance, "sha256_file", lambda p: calls.append(str(p)) or real(p))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"models": {"sft": str(family["sft"]), "dpo": "dpo"}}))
+    (tmp_path / "dpo").symlink_to(family["dpo"], target_is_directory=True)  # relative to the recipe
+    provenance.prehash_recipe(recipe)
+    files = sorted(family["sft"].glob("*.safetensors")) + sorted((tmp_path / "dpo").glob("*.safetensors"))
+    assert files and len(provenance._inflight) == len(files)
+    got = provenance.Hasher(files).result()
+    assert sorted(calls) == sorted(str(f) for f in files)  # each file hashed once, by the early thread
+    assert got == {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+def test_prehash_ignores_what_it_cannot_use(tmp_path, monkeypatch):
+    """Best effort before validation: a missing file, a non-mapping, an alias bomb (composed, never
+    expanded) or a Hub id start nothing and raise nothing; the real loader reports errors later."""
+    import time
+
+    from weightx import provenance
+
+    monkeypatch.setattr(provenance, "_inflight", {})
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+    cases = {"missing": None, "list.yaml": "- 1\n- 2\n", "bomb.yaml": bomb + "models: *i\n",
+             "hub.yaml": "models: {a: org/name@main, b: [1, 2]}\n", "bad.yaml": "models: {a: [\n"}
+    t = time.perf_counter()
+    for name, text in cases.items():
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        provenance.prehash_recipe(tmp_path / name)
+    assert time.perf_counter() - t < 2.0
+    assert provenance._inflight == {}

@@ -63,6 +63,11 @@ def apply(recipe: str, output: str | None, device: str, overrides: tuple[str, ..
     """Run RECIPE and write its output."""
     from pathlib import Path
 
+    if not dry_run and os.environ.get("WORLD_SIZE", "1") == "1":
+        from weightx.provenance import prehash_recipe
+
+        prehash_recipe(recipe)  # input hashes for weightx.json start on the core the imports leave idle
+
     from weightx.api import execute
     from weightx.plan import build_plan, human_bytes, render_plan
     from weightx.recipe import load_recipe

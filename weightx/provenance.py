@@ -2,6 +2,8 @@
 
 Hub shards are named by their sha256 in the cache. Local shards are hashed on a background thread
 while the engine streams (the pages are hot), and cached by (path, size, mtime) so reruns are free.
+The CLI starts that thread (`prehash`) before it imports torch, which keeps one core busy for a
+second while the other only imports.
 """
 
 from __future__ import annotations
@@ -61,12 +63,58 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+_inflight: dict[str, "Hasher"] = {}  # str(path) → the prehash thread hashing it
+_inflight_lock = threading.Lock()
+
+
+def prehash(paths: list[Path]) -> None:
+    """Start hashing files now (on a daemon thread); a later Hasher of the same file waits for it."""
+    with _inflight_lock:
+        todo = [p for p in paths if os.path.realpath(p) not in _inflight]
+        if not todo:
+            return
+        h = Hasher(todo, early=True)
+        for p in todo:
+            _inflight[os.path.realpath(p)] = h
+
+
+def prehash_recipe(recipe: str | Path) -> None:
+    """`prehash` the local safetensors a recipe file names under `models`, best effort: this runs
+    before the recipe is validated (whose errors are reported later, properly), so anything
+    unexpected just means no early start. YAML is only composed (aliases are not expanded)."""
+    import yaml
+
+    try:
+        path = Path(recipe)
+        if path.stat().st_size > 1 << 20:
+            return
+        root = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+        if not isinstance(root, yaml.MappingNode):
+            return
+        models = next((v for k, v in root.value if isinstance(k, yaml.ScalarNode) and k.value == "models"), None)
+        if not isinstance(models, yaml.MappingNode):
+            return
+        files: list[Path] = []
+        for _, v in models.value:
+            if isinstance(v, yaml.ScalarNode) and v.value:
+                where = path.parent / os.path.expanduser(v.value)
+                if where.is_dir():
+                    files += sorted(where.glob("*.safetensors"))
+                elif where.suffix == ".safetensors" and where.is_file():
+                    files.append(where)
+        prehash(files)
+    except Exception:
+        return
+
+
 class Hasher:
     """Hashes files in the background; `result()` waits and returns {str(path): sha256}."""
 
-    def __init__(self, paths: list[Path]):
+    def __init__(self, paths: list[Path], early: bool = False):
+        self._early = early
         self._paths = paths
         self._out: dict[str, str] = {}
+        self._keys: dict[str, str] = {}  # str(path) → the (path, size, mtime) key it was hashed under
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="weightx-hash", daemon=True)
         self._thread.start()
@@ -76,13 +124,21 @@ class Hasher:
             cache, new = _load_cache(), {}
             for p in self._paths:
                 key = _key(p)
-                digest = cache.get(key) or sha256_file(p)
+                early = None if self._early else _inflight.get(os.path.realpath(p))
+                digest = cache.get(key) or (early is not None and early.digest(p, key)) or sha256_file(p)
                 if key not in cache:
                     new[key] = digest
                 self._out[str(p)] = digest
+                self._keys[str(p)] = key
             _store_cache(new)
         except BaseException as e:  # surfaced by result()
             self._error = e
+
+    def digest(self, path: Path, key: str) -> str | None:
+        """This (early) hasher's digest of path, if it hashed the same file version."""
+        self._thread.join()
+        d = self._out.get(str(path))
+        return d if d is not None and self._keys.get(str(path)) == key else None
 
     def result(self) -> dict[str, str]:
         self._thread.join()

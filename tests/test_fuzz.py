@@ -71,7 +71,7 @@ def mutate(raw: bytes, rng: random.Random) -> bytes:
         elif kind < 0.75 and data:  # overwrite a byte with a JSON-significant one
             data[rng.randrange(min(len(data), 400))] = rng.choice(b'{}[]",:-0123456789e.\\ \x00\xff')
         elif kind < 0.9:  # rewrite the header length
-            n = rng.choice([0, 1, 7, len(data), len(data) - 8, 2**32, 2**63, 2**64 - 1, rng.randrange(2**16)])
+            n = rng.choice([0, 1, 7, len(data), max(len(data) - 8, 0), 2**32, 2**63, 2**64 - 1, rng.randrange(2**16)])
             data[:8] = struct.pack("<Q", n)
         else:  # insert junk
             i = rng.randrange(len(data) + 1)

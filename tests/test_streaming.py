@@ -240,13 +240,18 @@ def _ties_checkpoints(root: Path, n: int) -> Path:
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
-def test_ties_peak_memory_does_not_grow_with_the_largest_tensor(tmp_path):
+def test_ties_peak_memory_does_not_grow_with_the_largest_tensor(tmp_path, monkeypatch):
     n = 30 << 20  # one 31.5M-element tensor: 126 MB per float32 copy
     big = _ties_checkpoints(tmp_path / "big", n)
     tiny = _ties_checkpoints(tmp_path / "tiny", 5 << 10)
     # One compute thread: the block pool's in-flight blocks (and glibc's per-thread arenas) scale
     # with the thread count, not with the tensor.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "WEIGHTX_CACHE": str(tmp_path / "cache")}
+    # Input hashes cached first: this measures the TIES stream, not a hashing thread's arena.
+    from weightx import provenance
+
+    monkeypatch.setenv("WEIGHTX_CACHE", env["WEIGHTX_CACHE"])
+    provenance.Hasher(sorted(tmp_path.glob("*/*/*.safetensors"))).result()
     cmd = [sys.executable, "-c", "from weightx.cli import main; main()", "apply"]
     baseline = _peak_rss_anon(cmd + [str(tiny)], env)  # the interpreter, torch and weightx
     extra = _peak_rss_anon(cmd + [str(big)], env) - baseline

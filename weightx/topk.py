@@ -27,7 +27,7 @@ import torch
 
 _ABS = 0x7FFFFFFF
 T = TypeVar("T")
-MEMBER_BYTES = 32 << 20  # see select_blocks
+MEMBER_BYTES = 16 << 20  # see select_blocks
 
 
 def keep_count(density: float, n: int) -> int:

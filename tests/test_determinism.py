@@ -150,6 +150,18 @@ def test_engine_block_size_does_not_change_the_output(inputs, reference, tmp_pat
         assert shard_bytes(folder, index=False) == shard_bytes(reference["blocks"], index=False)
 
 
+@pytest.mark.parametrize("kind", list(RECIPES))
+def test_buffered_writes_give_the_direct_io_bytes(inputs, reference, tmp_path, monkeypatch, kind):
+    """The reference was written with O_DIRECT where the filesystem takes it; the page-cache path
+    (WEIGHTX_DIRECT_IO=0, or a filesystem without O_DIRECT) must write the same files."""
+    monkeypatch.setenv("WEIGHTX_DIRECT_IO", "0")
+    folder = weightx.apply(RECIPES[kind](inputs["single"], tmp_path / "o")).path
+    assert shard_bytes(folder) == shard_bytes(reference[kind])
+    record = json.loads((folder / "weightx.json").read_text())
+    assert [s["sha256"] for s in record["output"]["shards"]] == [
+        s["sha256"] for s in json.loads((reference[kind] / "weightx.json").read_text())["output"]["shards"]]
+
+
 def _env(threads: int) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
 

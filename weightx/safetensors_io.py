@@ -17,10 +17,10 @@ import struct
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 
+from weightx.direct_io import SequentialFile
 from weightx.errors import InputError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
@@ -256,7 +256,7 @@ class ShardWriter:
         self.sha256: str | None = None  # set by close(): the file's hash, computed as it is written
         self._hash = hashlib.sha256(header)
         self._hash_on_close = hash_on_close  # False: another thread hashes and calls finish_hash
-        self._f: BinaryIO = open(path, "wb")
+        self._f = SequentialFile(path)
         self._f.write(header)
         self._written = len(header)
 
@@ -281,11 +281,9 @@ class ShardWriter:
     def close(self) -> None:
         """Flush and fsync; then `finish_hash` (after the last `hash_raw`) sets sha256."""
         if self._written != self.total:
-            self._f.close()
+            self._f.abort()
             raise RuntimeError(f"{self.path}: wrote {self._written} of {self.total} bytes")
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
+        self._f.close()  # fsyncs
         if self._hash_on_close:
             self.finish_hash()
 
@@ -293,5 +291,4 @@ class ShardWriter:
         self.sha256 = self._hash.hexdigest()
 
     def abort(self) -> None:
-        if not self._f.closed:
-            self._f.close()
+        self._f.abort()

@@ -239,6 +239,38 @@ def _ties_checkpoints(root: Path, n: int) -> Path:
     return recipe
 
 
+def test_readonly_prepasses_read_the_decoded_blocks_without_copies(merge_family, tmp_path, monkeypatch):
+    """TIES's threshold passes only read their blocks: they get the decoded (cached) deltas
+    themselves, not per-pass copies; the mutating pre-passes (tested above) still get copies."""
+    import weightx.engine as engine
+    import weightx.topk as topk
+
+    doc = {
+        "models": {k: str(merge_family[k]) for k in ("base", "math", "code")},
+        "base": "base",
+        "deltas": [{"model": "math"}, {"model": "code"}],
+        "combine": {"ties": {"density": 0.5}},
+        "output": {"path": str(tmp_path / "unused"), "dtype": "bfloat16"},
+    }
+    plan = build_plan(load_recipe(doc), tmp_path / "unused")
+    big = max(plan.tensors, key=lambda t: t.numel)
+    comp = TensorComputer(plan, engine.Inputs(), torch.device("cpu"), block=1 << 10)
+    seen = []
+    original = topk.each_block
+
+    def spy(blocks, fn, readonly=False):
+        def wrapped(start, xs):
+            seen.append((readonly, start, [x.data_ptr() for x in xs]))
+            return fn(start, xs)
+        return original(blocks, wrapped, readonly)
+
+    monkeypatch.setattr(topk, "each_block", spy)
+    comp.prepare(big)
+    cached = comp._cache[big.name]
+    assert len(cached) > 1 and seen and all(readonly for readonly, _, _ in seen)
+    assert all(ptrs == [d.data_ptr() for d in cached[start][1]] for _, start, ptrs in seen)
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
 def test_ties_peak_memory_does_not_grow_with_the_largest_tensor(tmp_path, monkeypatch):
     n = 30 << 20  # one 31.5M-element tensor: 126 MB per float32 copy

@@ -103,10 +103,12 @@ class TensorComputer:
         self._states: dict[str, dict] = {}
         self._state_lock = threading.Lock()
 
-    def _load(self, src: Source, t: TensorPlan, start: int, count: int) -> torch.Tensor:
+    def _load(self, src: Source, t: TensorPlan, start: int, count: int, copy: bool = True) -> torch.Tensor:
+        """Block [start, start+count) of an input as float32. `copy=False`: the caller only reads it,
+        so a cached block is handed over as is (the others are fresh conversions either way)."""
         cached = self._cache.get(t.name)
         if cached is not None and src is self.plan.base:
-            return cached[start][0].clone()  # callers modify blocks in place
+            return cached[start][0].clone() if copy else cached[start][0]  # callers modify blocks in place
         mf, info = self.inputs.get(src, t.name)
         x = mf.view(info, start, count)
         if self.device.type != "cpu":
@@ -114,11 +116,14 @@ class TensorComputer:
         # copy=True: a float32 input must never be modified in place through its mapping.
         return x.to(torch.float32, copy=True)
 
-    def _delta(self, src: Source, t: TensorPlan, start: int, count: int, base: torch.Tensor) -> torch.Tensor:
+    def _delta(self, src: Source, t: TensorPlan, start: int, count: int, base: torch.Tensor | None, copy: bool = True) -> torch.Tensor:
         """θ_i − base. A delta artifact hands over its decoded delta directly: no (base + δ̂) − base round trip."""
         cached = self._cache.get(t.name)
         if cached is not None:
-            return cached[start][1][self._delta_index[id(src)]].clone()
+            d = cached[start][1][self._delta_index[id(src)]]
+            return d.clone() if copy else d
+        if base is None:
+            base = self._load(self.plan.base, t, start, count, copy=False)
         if src.artifact is not None and src.artifact.is_compressed(t.name):
             return src.artifact.decoded(t.name, start, count, base.device)
         return self._load(src, t, start, count).sub_(base)
@@ -143,9 +148,10 @@ class TensorComputer:
         step = self.block if (t.elementwise or not t.edit or self.streams(t)) else max(n, 1)
         return [(s, min(step, n - s)) for s in range(0, max(n, 1), step)]
 
-    def _edited(self, t: TensorPlan, states: dict, start: int, count: int, base: torch.Tensor, i: int, upto: int) -> torch.Tensor:
-        """Delta i of a block, after its first `upto` edits."""
-        d = self._delta(self.plan.deltas[i][1], t, start, count, base)
+    def _edited(self, t: TensorPlan, states: dict, start: int, count: int, base: torch.Tensor | None, i: int, upto: int,
+                copy: bool = True) -> torch.Tensor:
+        """Delta i of a block, after its first `upto` edits (`copy=False`: the caller only reads it)."""
+        d = self._delta(self.plan.deltas[i][1], t, start, count, base, copy=copy or upto > 0)
         for j, edit in enumerate(t.edits[i][:upto]):
             d = edit.apply(d, TensorContext(t.name, t.shape, start, states.get((i, j))))
         return d
@@ -165,18 +171,19 @@ class TensorComputer:
                     if edit.elementwise:
                         continue
 
-                    def one(start: int, count: int, i: int = i, j: int = j) -> list[torch.Tensor]:
-                        base = self._load(self.plan.base, t, start, count)
-                        return [self._edited(t, states, start, count, base, i, j).contiguous()]
+                    def one(start: int, count: int, readonly: bool, i: int = i, j: int = j) -> list[torch.Tensor]:
+                        return [self._edited(t, states, start, count, None, i, j, copy=not readonly).contiguous()]
 
                     states[(i, j)] = edit.prepare(_BlockSource(one, self.ranges(t), self.pool, self.workers), ctx)
             combine = self.plan.recipe.combine
             if not combine.elementwise:
 
-                def every(start: int, count: int) -> list[torch.Tensor]:
-                    base = self._load(self.plan.base, t, start, count)
+                def every(start: int, count: int, readonly: bool) -> list[torch.Tensor]:
+                    cached = t.name in self._cache  # else one base conversion serves every delta
+                    base = None if cached else self._load(self.plan.base, t, start, count, copy=False)
                     n = len(self.plan.deltas)
-                    return [self._edited(t, states, start, count, base, i, len(t.edits[i])).contiguous() for i in range(n)]
+                    return [self._edited(t, states, start, count, base, i, len(t.edits[i]), copy=not readonly).contiguous()
+                            for i in range(n)]
 
                 states["combine"] = combine.prepare(_BlockSource(every, self.ranges(t), self.pool, self.workers), list(self.weights), ctx)
             self._states[t.name] = states
@@ -187,7 +194,7 @@ class TensorComputer:
         if (1 + len(self.plan.deltas)) * t.numel * 4 > PASS_CACHE_BYTES:
             return
 
-        def decode(start: int, count: int) -> list[torch.Tensor]:
+        def decode(start: int, count: int, readonly: bool = True) -> list[torch.Tensor]:
             base = self._load(self.plan.base, t, start, count)
             return [base] + [self._delta(src, t, start, count, base) for _, src in self.plan.deltas]
 
@@ -264,26 +271,26 @@ class TensorComputer:
 
 class _BlockSource:
     """The blocks of one streamed tensor, for a pre-pass (`weightx.topk.each_block`): `make(start,
-    count)` computes a block's tensors. Called, it yields them in turn on this thread; `imap(fn)`
+    count, readonly)` computes a block's tensors (`readonly`: they may be shared, cached ones). Called, it yields them in turn on this thread; `imap(fn)`
     computes each block and applies fn on the engine's pool, yielding the results in block order
     with at most 2 × workers blocks in flight."""
 
-    def __init__(self, make: Callable[[int, int], list[torch.Tensor]], ranges: list[tuple[int, int]],
+    def __init__(self, make: Callable[[int, int, bool], list[torch.Tensor]], ranges: list[tuple[int, int]],
                  pool: ThreadPoolExecutor | None, workers: int):
         self.make, self.ranges, self.pool, self.workers = make, ranges, pool, workers
 
-    def __call__(self) -> Iterator[tuple[int, list[torch.Tensor]]]:
+    def __call__(self, readonly: bool = False) -> Iterator[tuple[int, list[torch.Tensor]]]:
         for start, count in self.ranges:
-            yield start, self.make(start, count)
+            yield start, self.make(start, count, readonly)
 
-    def imap(self, fn: Callable[[int, list[torch.Tensor]], object]) -> Iterator:
+    def imap(self, fn: Callable[[int, list[torch.Tensor]], object], readonly: bool = False) -> Iterator:
         if self.pool is None:
-            yield from (fn(start, xs) for start, xs in self())
+            yield from (fn(start, xs) for start, xs in self(readonly))
             return
         window: deque[Future] = deque()
         try:
             for start, count in self.ranges:
-                window.append(self.pool.submit(lambda s, c: fn(s, self.make(s, c)), start, count))
+                window.append(self.pool.submit(lambda s, c: fn(s, self.make(s, c, readonly)), start, count))
                 if len(window) >= 2 * self.workers:
                     yield window.popleft().result()
             while window:

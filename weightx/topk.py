@@ -158,12 +158,13 @@ class Selection:
 Blocks = Callable[[], Iterable[tuple[int, list[torch.Tensor]]]]
 
 
-def each_block(blocks: Blocks, fn: Callable[[int, list[torch.Tensor]], T]) -> Iterator[T]:
+def each_block(blocks: Blocks, fn: Callable[[int, list[torch.Tensor]], T], readonly: bool = False) -> Iterator[T]:
     """fn(start, xs) for every block, yielded in block order. The engine's block sources compute
     the blocks and run fn on its thread pool (`.imap`); a plain callable is walked in turn. Folds
-    over the results in this order are the same whatever ran them."""
+    over the results in this order are the same whatever ran them. `readonly`: fn promises not to
+    modify xs, so the engine may hand over its decoded (cached) blocks without copying them."""
     imap = getattr(blocks, "imap", None)
-    return imap(fn) if imap is not None else (fn(start, xs) for start, xs in blocks())
+    return imap(fn, readonly) if imap is not None else (fn(start, xs) for start, xs in blocks())
 
 
 def _mags(x: torch.Tensor) -> torch.Tensor:
@@ -189,7 +190,7 @@ def select_blocks(blocks: Blocks, n: int, ks: list[int]) -> list[Selection]:
         return {i: torch.bincount(_high_bits(xs[i]), minlength=1 << 15).cpu() for i in live}
 
     hist = {i: torch.zeros(1 << 15, dtype=torch.int64) for i in live}
-    for h in each_block(blocks, high):
+    for h in each_block(blocks, high, readonly=True):
         for i in live:
             hist[i] += h[i]
     bucket = {i: _kth_bucket(hist[i], sels[i].k) for i in live}
@@ -208,7 +209,7 @@ def select_blocks(blocks: Blocks, n: int, ks: list[int]) -> list[Selection]:
         return start, hists, members
 
     lo_hist = {i: torch.zeros(1 << 16, dtype=torch.int64) for i in live}
-    for start, hists, members in each_block(blocks, low):
+    for start, hists, members in each_block(blocks, low, readonly=True):
         for i in live:
             lo_hist[i] += hists[i]
             budget[0] -= members[i].numel() * 4
@@ -225,7 +226,7 @@ def select_blocks(blocks: Blocks, n: int, ks: list[int]) -> list[Selection]:
             def ties_at_v(start: int, xs: list[torch.Tensor]) -> tuple[int, dict[int, int]]:
                 return start, {i: int(torch.count_nonzero(torch.eq(_mags(xs[i]), sels[i].v))) for i in split}
 
-            counted = list(each_block(blocks, ties_at_v))
+            counted = list(each_block(blocks, ties_at_v, readonly=True))
         else:
             starts = list(kept[split[0]])
             counted = [(st, {i: int(torch.count_nonzero(torch.eq(kept[i][st], sels[i].v & 0xFFFF))) for i in split})

@@ -288,8 +288,10 @@ def test_ties_peak_memory_does_not_grow_with_the_largest_tensor(tmp_path, monkey
     baseline = _peak_rss_anon(cmd + [str(tiny)], env)  # the interpreter, torch and weightx
     extra = _peak_rss_anon(cmd + [str(big)], env) - baseline
     # The whole-tensor path holds base + 2 deltas in float32 plus its workspaces (~5 copies, about
-    # 630 MiB here); streamed, a few 1M-element blocks: well under one float32 copy.
-    assert extra < 4 * n, f"peak RssAnon {extra / 2**20:.0f} MiB above a tiny run's"
+    # 630 MiB here); streamed, a few 1M-element blocks and the writer's queues. glibc's per-thread
+    # arenas keep freed blocks, so the measured extra spread over 48-195 MiB in 12 runs of the same
+    # build: the bound is two float32 copies, still a tenth of what the whole tensor costs.
+    assert extra < 8 * n, f"peak RssAnon {extra / 2**20:.0f} MiB above a tiny run's"
     import safetensors.torch as st
 
     out = st.load_file(str(tmp_path / "big" / "out" / "model-00001-of-00001.safetensors"))

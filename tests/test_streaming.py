@@ -271,6 +271,31 @@ def test_readonly_prepasses_read_the_decoded_blocks_without_copies(merge_family,
     assert all(ptrs == [d.data_ptr() for d in cached[start][1]] for _, start, ptrs in seen)
 
 
+def test_decoded_tensors_share_one_buffer_and_never_overlap(merge_family, tmp_path):
+    """The pass cache decodes tensor after tensor into one buffer (no fresh pages per tensor); a
+    second tensor prepared while the first is still cached gets no cache rather than its storage."""
+    import weightx.engine as engine
+
+    doc = {
+        "models": {k: str(merge_family[k]) for k in ("base", "math", "code")},
+        "base": "base",
+        "deltas": [{"model": "math"}, {"model": "code"}],
+        "combine": {"ties": {"density": 0.5}},
+        "output": {"path": str(tmp_path / "unused"), "dtype": "bfloat16"},
+    }
+    plan = build_plan(load_recipe(doc), tmp_path / "unused")
+    a, b = sorted((t for t in plan.tensors if t.edit), key=lambda t: -t.numel)[:2]
+    comp = TensorComputer(plan, engine.Inputs(), torch.device("cpu"), block=1 << 10)
+    comp.prepare(a)
+    first = comp._cache[a.name][0][0].data_ptr()
+    comp.prepare(b)  # a is still cached: b must not be decoded into the same buffer
+    assert b.name not in comp._cache and comp._cache[a.name][0][0].data_ptr() == first
+    comp.release(a)
+    comp.release(b)
+    comp.prepare(b)
+    assert comp._cache[b.name][0][0].data_ptr() == first  # reused, not reallocated
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
 def test_ties_peak_memory_does_not_grow_with_the_largest_tensor(tmp_path, monkeypatch):
     n = 30 << 20  # one 31.5M-element tensor: 126 MB per float32 copy

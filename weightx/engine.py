@@ -92,6 +92,7 @@ class TensorComputer:
         self.workers = workers
         # Per cached streamed tensor (see PASS_CACHE_BYTES): block start → (base, [θ_i − base]).
         self._cache: dict[str, dict[int, tuple[torch.Tensor, list[torch.Tensor]]]] = {}
+        self._arena: torch.Tensor | None = None  # the cache's storage, reused tensor after tensor
         self._delta_index = {id(src): i for i, (_, src) in enumerate(plan.deltas)}
         self.inputs = inputs
         self.device = device
@@ -103,9 +104,10 @@ class TensorComputer:
         self._states: dict[str, dict] = {}
         self._state_lock = threading.Lock()
 
-    def _load(self, src: Source, t: TensorPlan, start: int, count: int, copy: bool = True) -> torch.Tensor:
-        """Block [start, start+count) of an input as float32. `copy=False`: the caller only reads it,
-        so a cached block is handed over as is (the others are fresh conversions either way)."""
+    def _load(self, src: Source, t: TensorPlan, start: int, count: int, copy: bool = True,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+        """Block [start, start+count) of an input as float32 (into `out` if given). `copy=False`: the
+        caller only reads it, so a cached block is handed over as is (the others are fresh either way)."""
         cached = self._cache.get(t.name)
         if cached is not None and src is self.plan.base:
             return cached[start][0].clone() if copy else cached[start][0]  # callers modify blocks in place
@@ -113,10 +115,13 @@ class TensorComputer:
         x = mf.view(info, start, count)
         if self.device.type != "cpu":
             x = x.to(self.device, non_blocking=False)
+        if out is not None:
+            return out.copy_(x)
         # copy=True: a float32 input must never be modified in place through its mapping.
         return x.to(torch.float32, copy=True)
 
-    def _delta(self, src: Source, t: TensorPlan, start: int, count: int, base: torch.Tensor | None, copy: bool = True) -> torch.Tensor:
+    def _delta(self, src: Source, t: TensorPlan, start: int, count: int, base: torch.Tensor | None, copy: bool = True,
+               out: torch.Tensor | None = None) -> torch.Tensor:
         """θ_i − base. A delta artifact hands over its decoded delta directly: no (base + δ̂) − base round trip."""
         cached = self._cache.get(t.name)
         if cached is not None:
@@ -125,8 +130,9 @@ class TensorComputer:
         if base is None:
             base = self._load(self.plan.base, t, start, count, copy=False)
         if src.artifact is not None and src.artifact.is_compressed(t.name):
-            return src.artifact.decoded(t.name, start, count, base.device)
-        return self._load(src, t, start, count).sub_(base)
+            d = src.artifact.decoded(t.name, start, count, base.device)
+            return d if out is None else out.copy_(d)
+        return self._load(src, t, start, count, out=out).sub_(base)
 
     def prefetch(self, t: TensorPlan) -> None:
         srcs = [self.plan.config_source] if not t.edit else [self.plan.base] + [s for _, s in self.plan.deltas]
@@ -191,12 +197,20 @@ class TensorComputer:
 
     def _fill_cache(self, t: TensorPlan) -> None:
         """Decode a streamed tensor's base and raw deltas once when they fit PASS_CACHE_BYTES."""
-        if (1 + len(self.plan.deltas)) * t.numel * 4 > PASS_CACHE_BYTES:
+        m, n = 1 + len(self.plan.deltas), t.numel
+        if m * n * 4 > PASS_CACHE_BYTES or self._cache:
             return
+        # One buffer, sized for the largest cached tensor, serves them all: fresh allocations per
+        # tensor went back to the OS between tensors and were faulted in (and zeroed) again.
+        if self._arena is None:
+            fits = [m * u.numel for u in self.plan.tensors if self.streams(u) and m * u.numel * 4 <= PASS_CACHE_BYTES]
+            self._arena = torch.empty(max(fits + [m * n]), dtype=torch.float32, device=self.device)
+        regions = [self._arena[j * n:(j + 1) * n] for j in range(m)]
 
         def decode(start: int, count: int, readonly: bool = True) -> list[torch.Tensor]:
-            base = self._load(self.plan.base, t, start, count)
-            return [base] + [self._delta(src, t, start, count, base) for _, src in self.plan.deltas]
+            base = self._load(self.plan.base, t, start, count, out=regions[0][start:start + count])
+            return [base] + [self._delta(src, t, start, count, base, out=regions[1 + i][start:start + count])
+                             for i, (_, src) in enumerate(self.plan.deltas)]
 
         src = _BlockSource(decode, self.ranges(t), self.pool, self.workers)
         self._cache[t.name] = {start: (xs[0], xs[1:]) for start, xs in src.imap(lambda start, xs: (start, xs))}

@@ -64,7 +64,8 @@ def test_random_against_numpy_reference(normalize, density):
         taus = [rs.normal(scale=0.01, size=shape).astype(np.float32) for _ in range(m)]
         if trial % 3 == 0:  # exact zeros and sign-balanced values exercise ties and zero masses
             taus = [np.round(t * 300).astype(np.float32) / 4 for t in taus]
-        weights = list(rs.uniform(-0.5, 2.0, size=m)) if trial % 2 else None
+        # unit, mixed-sign (a divisor can cancel to 0) and positive weights (the clamp fix-up)
+        weights = [None, list(rs.uniform(-0.5, 2.0, size=m)), list(rs.uniform(0.05, 2.0, size=m))][trial % 3]
         got = run_ties(taus, weights, density=density, normalize=normalize, scale=1.3)
         want = np_ties(taus, weights, density=density, normalize=normalize, scale=1.3)
         assert np.allclose(got, want, rtol=1e-5, atol=1e-7), trial

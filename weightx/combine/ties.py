@@ -54,38 +54,49 @@ def ties(
     whole tensor, and the result is that block of the whole-tensor result, bit for bit.
     Temporaries (tensor- or block-sized): one float32 (the mass, then the divisor), one int32, one bool."""
     deltas = [d.contiguous() for d in deltas]
-    ws = Workspace.for_tensor(deltas[0], None)
+    # A streamed block needs one int32 scratch; the whole-tensor trim also uses the workspace's flags.
+    ws = Workspace.for_tensor(deltas[0], None) if state is None else None
     mass = _trim_and_mass(deltas, weights, density, ws, state, start)
-    # The elected sign as a sign bit, computed in place over the mass: `neg` is all ones (−1) where
-    # the election says −, else 0. Adding +0.0 turns a −0.0 sum into +0.0, so a zero sum elects +
-    # (mergekit's `sum >= 0`).
+    scratch = (ws.ints[: mass.numel()].view(mass.shape) if ws is not None
+               else torch.empty(mass.shape, dtype=torch.int32, device=mass.device))
+    # The elected sign as a word `pos`: all ones where the election says +, else 0, computed in
+    # place over the mass. Adding +0.0 first turns a −0.0 sum into +0.0, so a zero sum elects +
+    # (mergekit's `sum >= 0`): −(+0.0) has its sign bit set.
     if state is not None:
         minus = state.minus
     else:
         minus = zero_sign == "majority" and int((mass < 0).sum()) > int((mass > 0).sum())
     if minus:
-        # Most of the tensor elects −: a zero sum does too, i.e. − wherever −sum ≥ 0.
-        neg = mass.neg_().add_(0.0).view(torch.int32).bitwise_right_shift_(31).bitwise_not_()
+        # Most of the tensor elects −: a zero sum does too, i.e. + only where the sum is > 0.
+        pos = mass.neg_().add_(0.0).view(torch.int32).bitwise_right_shift_(31)
     else:
-        neg = mass.add_(0.0).view(torch.int32).bitwise_right_shift_(31)
-    scratch = ws.ints[: mass.numel()].view(mass.shape)
+        pos = mass.add_(0.0).neg_().view(torch.int32).bitwise_right_shift_(31)
     for d in deltas:
         # Zero every entry whose sign bit differs from the elected one, with int32 ops on the float
-        # bits (bool masks → float are slow on CPU). Zeros stay zero, so afterwards the non-zero
-        # entries are exactly the agreeing ones.
+        # bits (bool masks → float are slow on CPU): the sign bit of bits ^ pos is set exactly
+        # where they agree. Zeros stay zero, so afterwards the non-zero entries are the agreeing ones.
         bits = d.view(torch.int32)
-        torch.bitwise_xor(bits, neg, out=scratch)
-        bits.bitwise_and_(scratch.bitwise_right_shift_(31).bitwise_not_())
+        bits.bitwise_and_(torch.bitwise_xor(bits, pos, out=scratch).bitwise_right_shift_(31))
     if normalize:
-        divisor = mass.zero_()  # the mass buffer, no longer needed as such
+        divisor = mass  # the mass buffer, no longer needed as such
         agree = scratch.view(torch.float32)
-        for d, w in zip(deltas, weights):
-            divisor.add_(torch.abs(d, out=agree).sign_(), alpha=w)  # w·[d ≠ 0]
-        # Where nothing agrees the divisor is 0 (and the sum too): make it 1. Bit arithmetic
-        # instead of masked_fill_ (several times slower on CPU): (|bits| − 1) >> 31 is all ones
-        # exactly where |divisor| = 0; masked to the bits of 1.0, added: d + 0.0 = d elsewhere.
-        one = torch.bitwise_and(divisor.view(torch.int32), 0x7FFFFFFF, out=scratch)
-        divisor.add_(one.sub_(1).bitwise_right_shift_(31).bitwise_and_(0x3F800000).view(torch.float32))
+        for i, (d, w) in enumerate(zip(deltas, weights)):  # Σ w·[d ≠ 0]
+            if i == 0:
+                torch.abs(d, out=divisor).sign_()
+                if w != 1.0:
+                    divisor.mul_(w)
+            else:
+                divisor.add_(torch.abs(d, out=agree).sign_(), alpha=w)
+        # Where nothing agrees the divisor is 0 (and the sum too): make it 1, so the result is that
+        # +0. With positive weights a non-zero divisor is at least the smallest weight, so raising
+        # the zeros to it is one clamp (NaN stays NaN). Otherwise, bit arithmetic instead of
+        # masked_fill_ (several times slower on CPU): (|bits| − 1) >> 31 is all ones exactly where
+        # |divisor| = 0; masked to the bits of 1.0, added: d + 0.0 = d elsewhere.
+        if min(weights) > 0:
+            divisor.clamp_(min=min(weights))
+        else:
+            one = torch.bitwise_and(divisor.view(torch.int32), 0x7FFFFFFF, out=scratch)
+            divisor.add_(one.sub_(1).bitwise_right_shift_(31).bitwise_and_(0x3F800000).view(torch.float32))
     merged = deltas[0]  # the first delta's buffer accumulates the sum
     for d in deltas[1:]:
         merged.add_(d)
@@ -105,8 +116,8 @@ def _trim_and_mass(deltas, weights, density, ws, state, start) -> torch.Tensor:
             trim_block_(d, state.trims[i], start)
         if w != 1.0:
             d.mul_(w)
-    mass = deltas[0].clone()
-    for d in deltas[1:]:
+    mass = torch.add(deltas[0], deltas[1]) if len(deltas) > 1 else deltas[0].clone()
+    for d in deltas[2:]:
         mass.add_(d)
     return mass
 

@@ -271,7 +271,7 @@ def test_readonly_prepasses_read_the_decoded_blocks_without_copies(merge_family,
     assert all(ptrs == [d.data_ptr() for d in cached[start][1]] for _, start, ptrs in seen)
 
 
-def test_decoded_tensors_share_one_buffer_and_never_overlap(merge_family, tmp_path):
+def test_decoded_tensors_share_one_buffer_and_never_overlap(merge_family, tmp_path, monkeypatch):
     """The pass cache decodes tensor after tensor into one buffer (no fresh pages per tensor); a
     second tensor prepared while the first is still cached gets no cache rather than its storage."""
     import weightx.engine as engine
@@ -294,6 +294,10 @@ def test_decoded_tensors_share_one_buffer_and_never_overlap(merge_family, tmp_pa
     comp.release(b)
     comp.prepare(b)
     assert comp._cache[b.name][0][0].data_ptr() == first  # reused, not reallocated
+    comp.release(b)
+    monkeypatch.setattr(engine, "PASS_CACHE_BYTES", 0)  # a tensor too big for the cache …
+    comp.prepare(a)
+    assert comp._arena is None and not comp._cache  # … streams without the buffer held
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")

@@ -198,7 +198,10 @@ class TensorComputer:
     def _fill_cache(self, t: TensorPlan) -> None:
         """Decode a streamed tensor's base and raw deltas once when they fit PASS_CACHE_BYTES."""
         m, n = 1 + len(self.plan.deltas), t.numel
-        if m * n * 4 > PASS_CACHE_BYTES or self._cache:
+        if m * n * 4 > PASS_CACHE_BYTES:
+            self._arena = None  # not held while a big tensor streams: the peak would be both
+            return
+        if self._cache:
             return
         # One buffer, sized for the largest cached tensor, serves them all: fresh allocations per
         # tensor went back to the OS between tensors and were faulted in (and zeroed) again.

@@ -629,6 +629,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                     help="set OMP_NUM_THREADS/MKL_NUM_THREADS for every tool")
     ap.add_argument("--timeout", type=float, default=1800.0, help="per-run limit in seconds")
     ap.add_argument("--interval", type=float, default=0.02, help="memory poll period, s")
+    ap.add_argument("--floor-write", choices=["direct", "buffered"], default="direct",
+                    help="how the floor writes: direct (O_DIRECT, 8 MB blocks; what weightx does) or "
+                         "buffered (through the page cache, no fsync)")
     ap.add_argument("--workdir", help="where outputs go (default: a temp dir beside --data)")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (recipes, logs)")
     ap.add_argument("--no-verify", dest="verify", action="store_false",
@@ -692,6 +695,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "data": str(data), "repeats": args.repeats, "device": args.device,
         "shard_size": args.shard_size, "threads": args.threads,
         "mergekit_dtype": args.mergekit_dtype, "weightx_hash_cache": args.weightx_hash_cache,
+        "floor_write": args.floor_write,
         "host": platform.node(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
         "weightx_cmd": wx_cmd, "mergekit_cmd": mk_cmd,
         "weightx_version": _version(wx_cmd, env) if wx_cmd else None,
@@ -749,10 +753,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                     # write is the fastest this machine offers and what weightx does: O_DIRECT from
                     # one buffer, 8 MB at a time (page-cache writes, where dd can't go direct, cost
                     # a kernel copy and, on VMs that hand freed pages back, fresh-page faults).
-                    script = ('cat "$@" > /dev/null && mkdir -p "$OUT" && F="$OUT/model.safetensors" && '
-                              '{ dd if=/dev/zero of="$F" bs=8M count="$SIZE" iflag=count_bytes oflag=direct '
-                              'status=none 2>/dev/null || head -c "$SIZE" /dev/zero > "$F"; }')
-                    size += -size % 4096  # direct writes are whole 4 KiB blocks
+                    buffered = 'head -c "$SIZE" /dev/zero > "$F"'
+                    write = buffered if args.floor_write == "buffered" else (
+                        '{ dd if=/dev/zero of="$F" bs=8M count="$SIZE" iflag=count_bytes oflag=direct '
+                        f'status=none 2>/dev/null || {buffered}; }}')
+                    script = 'cat "$@" > /dev/null && mkdir -p "$OUT" && F="$OUT/model.safetensors" && ' + write
+                    if args.floor_write == "direct":
+                        size += -size % 4096  # direct writes are whole 4 KiB blocks
                     return ["env", f"OUT={out}", f"SIZE={size}", "bash", "-c", script, "floor",
                             *map(str, inputs)]
                 cmds["floor"] = _floor

@@ -34,8 +34,15 @@ def test_mergelm_magnitude_variant_golden():
     assert np.allclose(run_mag(x, density=0.4, rescale="inverse_keep"), [0, -1.0, 0, 0.75, 0], rtol=1e-6, atol=0)
 
 
+@pytest.fixture(params=["numpy", "torch"])
+def gathers(request, monkeypatch):
+    """The CPU compare/gather steps run in numpy (fast) or torch (the CUDA code path): same answer."""
+    monkeypatch.setattr(topk, "NUMPY_ON_CPU", request.param == "numpy")
+    return request.param
+
+
 @pytest.mark.parametrize("kind", ["normal", "ties", "zeros", "tiny"])
-def test_topk_mask_equals_a_full_stable_sort(kind):
+def test_topk_mask_equals_a_full_stable_sort(kind, gathers):
     rs = np.random.default_rng({"normal": 0, "ties": 1, "zeros": 2, "tiny": 3}[kind])
     for trial in range(60):
         n = int(rs.integers(1, 400))
@@ -54,7 +61,7 @@ def test_topk_mask_equals_a_full_stable_sort(kind):
         assert np.array_equal(got, np_topk_mask(x, k)), (kind, trial)
 
 
-def test_trim_in_place_equals_the_mask():
+def test_trim_in_place_equals_the_mask(gathers):
     """`trim_` (int32 bit ops on the float bits) gives the same values as x · topk_mask(x, k)."""
     rs = np.random.default_rng(7)
     for trial in range(300):

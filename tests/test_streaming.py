@@ -71,13 +71,16 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 BLOCKS = (1000, 4096, 77_777, 1 << 17, N)
 
 
+@pytest.mark.parametrize("gathers", ["numpy", "torch"])
 @pytest.mark.parametrize("members", ["kept", "over budget: counted again"])
 @pytest.mark.parametrize("density", [0.5, 0.1, 0.013, 0.9])
-def test_select_blocks_equals_the_whole_tensor_threshold(density, members, monkeypatch):
+def test_select_blocks_equals_the_whole_tensor_threshold(density, members, gathers, monkeypatch):
     """(v, r, e) as on the whole tensor, and each block's count of ties at v (and of those before
-    it), whether taken from the threshold bucket's kept members or from a pass of their own."""
+    it), whether taken from the threshold bucket's kept members or from a pass of their own, with
+    the CPU compares and gathers in numpy or in torch (the CUDA code path)."""
     import weightx.topk as topk
 
+    monkeypatch.setattr(topk, "NUMPY_ON_CPU", gathers == "numpy")
     if members != "kept":
         monkeypatch.setattr(topk, "MEMBER_BYTES", 0)
     xs = bf16_deltas(2, seed=1)

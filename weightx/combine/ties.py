@@ -52,9 +52,9 @@ def ties(
 
     With `state` (from `prepare_ties`) the deltas are the block at flat index `start` of each
     whole tensor, and the result is that block of the whole-tensor result, bit for bit.
-    Temporaries (tensor- or block-sized): one float32 (the mass, then the divisor), one int32, one bool."""
+    Temporaries (tensor- or block-sized): one float32 (the mass, then the divisor) and one int32."""
     deltas = [d.contiguous() for d in deltas]
-    # A streamed block needs one int32 scratch; the whole-tensor trim also uses the workspace's flags.
+    # A streamed block needs one int32 scratch; the whole-tensor trim shares the workspace's.
     ws = Workspace.for_tensor(deltas[0], None) if state is None else None
     mass = _trim_and_mass(deltas, weights, density, ws, state, start)
     scratch = (ws.ints[: mass.numel()].view(mass.shape) if ws is not None

@@ -34,16 +34,23 @@ def rel_close(a: np.ndarray, b: np.ndarray, tol: float = 1e-6) -> bool:
 # ----------------------------------------------------------------------------- the mask itself
 
 
-def test_hash_matches_the_documented_spec():
-    """The torch int32 bit-pattern arithmetic equals plain uint32 arithmetic (numpy), hence any
-    device's: across the int32 sign boundary (2³¹) and up to 2³²."""
+@pytest.fixture(params=["numpy", "torch"])
+def words(request, monkeypatch):
+    """On CPU the hash rounds run in numpy; torch's int32 path is the one CUDA uses: both tested."""
+    monkeypatch.setattr(rng, "NUMPY_ON_CPU", request.param == "numpy")
+    return request.param
+
+
+def test_hash_matches_the_documented_spec(words):
+    """The int32 bit-pattern arithmetic (torch) and the CPU's uint32 numpy rounds equal a plain
+    uint32 reference, hence any device's: across the int32 sign boundary (2³¹) and up to 2³²."""
     for key in (0, 1, seed_key(0, "model.layers.0.mlp.up_proj.weight"), (1 << 63) - 1):
         for start, count in ((0, 5000), (123_456_789, 3000), ((1 << 31) - 1500, 3000), ((1 << 32) - 2000, 2000)):
             got = rng.hash_range(key, start, count).numpy()
             assert np.array_equal(got, np_hash(key, start, count).astype(np.int64))
 
 
-def test_indices_past_2_32_get_fresh_values():
+def test_indices_past_2_32_get_fresh_values(words):
     key = seed_key(0, "huge")
     below = rng.hash_range(key, (1 << 32) - 4, 4)
     across = rng.hash_range(key, (1 << 32) - 4, 8)  # a piece on each side of the boundary
@@ -62,7 +69,7 @@ def test_mask_is_the_spec_and_u_is_24_bit():
 
 
 @pytest.mark.parametrize("p", [0.0, 1e-7, 0.5, 0.9, 1.0 - 2.0**-24, 1.0])
-def test_mask_edges_of_p_and_of_the_signed_range(p):
+def test_mask_edges_of_p_and_of_the_signed_range(p, words):
     """Unsigned h < T done as a signed compare: p = 0 drops nothing, p = 1 everything, and hashes
     on either side of 2³¹ compare as unsigned words (numpy reference)."""
     for start in (0, (1 << 31) - 2500):
@@ -75,7 +82,7 @@ def test_mask_edges_of_p_and_of_the_signed_range(p):
         assert m.all() == (p == 1.0) and m.any() == (p == 1.0)
 
 
-def test_blocks_give_the_same_mask_as_the_whole_tensor():
+def test_blocks_give_the_same_mask_as_the_whole_tensor(words):
     """What the engine relies on: DARE on a block at `offset` equals that slice of the whole."""
     n = 3 * rng.CHUNK + 12345  # several internal chunks, ragged end
     delta = torch.randn(n)

@@ -24,6 +24,7 @@ import math
 import threading
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 M32 = 0xFFFFFFFF
@@ -74,6 +75,21 @@ def _mix_(h: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
     return h
 
 
+# On CPU the two rounds run in numpy on uint32 views of the same buffers: native unsigned words
+# need no masking after shifts (8 ops a round instead of 11), 1.0 -> 0.7 ns per element a round.
+# Same words bit for bit (tested against torch's path, which CUDA uses).
+NUMPY_ON_CPU = True
+_U1, _U2 = np.uint32(_C1), np.uint32(_C2)
+
+
+def _np_mix_(h: np.ndarray, tmp: np.ndarray) -> None:
+    """lowbias32 in place on a uint32 array; `tmp` is scratch of the same size."""
+    for s, c in ((16, _U1), (15, _U2), (16, None)):
+        np.bitwise_xor(h, np.right_shift(h, s, out=tmp), out=h)
+        if c is not None:
+            np.multiply(h, c, out=h)
+
+
 def key_words(key: int, hi: int = 0) -> tuple[int, int]:
     """The two round keys for indices whose high 32-bit word is `hi`."""
     k0, k1 = key & M32, (key >> 32) & M32
@@ -113,8 +129,13 @@ def _hash_into(h: torch.Tensor, tmp: torch.Tensor, key: int, start: int) -> None
         piece, t = h[pos : pos + c], tmp[pos : pos + c]
         first = _signed32(lo)
         torch.arange(first, first + c, dtype=torch.int32, device=h.device, out=piece)
-        _mix_(piece.bitwise_xor_(_signed32(k0)), t)
-        _mix_(piece.bitwise_xor_(_signed32(k1)), t)
+        if h.device.type == "cpu" and NUMPY_ON_CPU:
+            u, ut = piece.numpy().view(np.uint32), t.numpy().view(np.uint32)
+            _np_mix_(np.bitwise_xor(u, np.uint32(k0), out=u), ut)
+            _np_mix_(np.bitwise_xor(u, np.uint32(k1), out=u), ut)
+        else:
+            _mix_(piece.bitwise_xor_(_signed32(k0)), t)
+            _mix_(piece.bitwise_xor_(_signed32(k1)), t)
         pos += c
 
 
@@ -177,6 +198,12 @@ def keep_words(key: int, start: int, count: int, p: float, device: torch.device)
         h, tmp, _ = _scratch(c, device)
         _hash_into(h, tmp, key, start + s)
         # (h >>> 8) − t24 < 0 ⇔ drop; >> 31 spreads its sign: all ones (drop), then inverted.
+        if device.type == "cpu" and NUMPY_ON_CPU:
+            w = tmp.numpy()
+            np.right_shift(h.numpy().view(np.uint32), 32 - UNIFORM_BITS, out=w.view(np.uint32))  # logical
+            np.invert(np.right_shift(np.subtract(w, t24, out=w), 31, out=w), out=w)
+            yield s, tmp
+            continue
         torch.bitwise_right_shift(h, 32 - UNIFORM_BITS, out=tmp).bitwise_and_((1 << UNIFORM_BITS) - 1)
         yield s, tmp.sub_(t24).bitwise_right_shift_(31).bitwise_not_()
 

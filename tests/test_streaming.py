@@ -147,7 +147,7 @@ def test_streamed_dare_l1_is_bit_identical_to_whole_tensor(k):
     (x,) = bf16_deltas(1, seed=5)
     cfg = Dare(drop=0.7, rescale="l1", k=k, seed=3)
     whole = cfg.apply(x.clone(), TensorContext(NAME, (N,)))
-    for block in (1 << 17, 1 << 20):  # multiples of the rng chunk, as the engine's blocks are
+    for block in (1 << 17, 1 << 20):  # multiples of the 32K L1 chunk, as the engine's blocks are
         got = streamed(
             [x], block,
             lambda blocks: cfg.prepare(blocks, TensorContext(NAME, (N,))),

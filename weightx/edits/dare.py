@@ -13,7 +13,7 @@ still 1. k = 0 is DARE, k = 1 the identity.
 the whole tensor is scaled so its L1 norm equals the input's; skipped when either norm is below
 1e-7). `l1` needs tensor-wide norms, so it is the only setting that is not elementwise; the engine
 gathers them in a pre-pass over blocks (`prepare`) from L1 sums of 32K-element chunks folded in
-order, the same float64 sum as over the whole tensor when blocks are multiples of the rng chunk.
+order, the same float64 sum as over the whole tensor when blocks are multiples of 32K.
 
 Randomness: entry i of tensor `name` is dropped when u(seed, name, i) < p, with u from the
 counter-based hash in `weightx.rng`; the mask is the same whatever the block size, tensor order,

@@ -242,12 +242,8 @@ def _ties_checkpoints(root: Path, n: int) -> Path:
     return recipe
 
 
-def test_readonly_prepasses_read_the_decoded_blocks_without_copies(merge_family, tmp_path, monkeypatch):
-    """TIES's threshold passes only read their blocks: they get the decoded (cached) deltas
-    themselves, not per-pass copies; the mutating pre-passes (tested above) still get copies."""
-    import weightx.engine as engine
-    import weightx.topk as topk
-
+def _ties_plan(merge_family, tmp_path):
+    """A plain two-delta TIES plan over the small merge family (every tensor fits the pass cache)."""
     doc = {
         "models": {k: str(merge_family[k]) for k in ("base", "math", "code")},
         "base": "base",
@@ -255,7 +251,16 @@ def test_readonly_prepasses_read_the_decoded_blocks_without_copies(merge_family,
         "combine": {"ties": {"density": 0.5}},
         "output": {"path": str(tmp_path / "unused"), "dtype": "bfloat16"},
     }
-    plan = build_plan(load_recipe(doc), tmp_path / "unused")
+    return build_plan(load_recipe(doc), tmp_path / "unused")
+
+
+def test_readonly_prepasses_read_the_decoded_blocks_without_copies(merge_family, tmp_path, monkeypatch):
+    """TIES's threshold passes only read their blocks: they get the decoded (cached) deltas
+    themselves, not per-pass copies; the mutating pre-passes (tested above) still get copies."""
+    import weightx.engine as engine
+    import weightx.topk as topk
+
+    plan = _ties_plan(merge_family, tmp_path)
     big = max(plan.tensors, key=lambda t: t.numel)
     comp = TensorComputer(plan, engine.Inputs(), torch.device("cpu"), block=1 << 10)
     seen = []
@@ -279,14 +284,7 @@ def test_decoded_tensors_share_one_buffer_and_never_overlap(merge_family, tmp_pa
     second tensor prepared while the first is still cached gets no cache rather than its storage."""
     import weightx.engine as engine
 
-    doc = {
-        "models": {k: str(merge_family[k]) for k in ("base", "math", "code")},
-        "base": "base",
-        "deltas": [{"model": "math"}, {"model": "code"}],
-        "combine": {"ties": {"density": 0.5}},
-        "output": {"path": str(tmp_path / "unused"), "dtype": "bfloat16"},
-    }
-    plan = build_plan(load_recipe(doc), tmp_path / "unused")
+    plan = _ties_plan(merge_family, tmp_path)
     a, b = sorted((t for t in plan.tensors if t.edit), key=lambda t: -t.numel)[:2]
     comp = TensorComputer(plan, engine.Inputs(), torch.device("cpu"), block=1 << 10)
     comp.prepare(a)

@@ -276,7 +276,7 @@ def test_readonly_prepasses_read_the_decoded_blocks_without_copies(merge_family,
     comp.prepare(big)
     cached = comp._cache[big.name]
     assert len(cached) > 1 and seen and all(readonly for readonly, _, _ in seen)
-    assert all(ptrs == [d.data_ptr() for d in cached[start][1]] for _, start, ptrs in seen)
+    assert all(ptrs == [d.data_ptr() for d in cached[start]] for _, start, ptrs in seen)
 
 
 def test_decoded_tensors_share_one_buffer_and_never_overlap(merge_family, tmp_path, monkeypatch):

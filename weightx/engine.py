@@ -29,9 +29,10 @@ from weightx.sources import Source
 from weightx.verify import nonfinite_block
 
 BLOCK_ELEMENTS = 1 << 20
-# A streamed tensor whose float32 base and deltas fit in this many bytes is decoded once and kept
-# for its pre-passes and final blocks instead of re-read from the mappings on every pass. A fixed
-# budget, so peak memory still does not grow with the model (larger tensors re-read).
+# A streamed tensor whose float32 deltas fit in this many bytes is decoded once and kept for its
+# pre-passes and final blocks instead of re-read from the mappings on every pass. A fixed budget,
+# so peak memory still does not grow with the model (larger tensors re-read). The base is not
+# kept: only the final blocks use it, and converting it again costs what copying it would.
 PASS_CACHE_BYTES = 160 << 20
 
 
@@ -90,8 +91,8 @@ class TensorComputer:
         self.plan = plan
         self.pool = pool  # the engine's block pool: pre-passes run their blocks on it
         self.workers = workers
-        # Per cached streamed tensor (see PASS_CACHE_BYTES): block start → (base, [θ_i − base]).
-        self._cache: dict[str, dict[int, tuple[torch.Tensor, list[torch.Tensor]]]] = {}
+        # Per cached streamed tensor (see PASS_CACHE_BYTES): block start → [θ_i − base].
+        self._cache: dict[str, dict[int, list[torch.Tensor]]] = {}
         self._arena: torch.Tensor | None = None  # the cache's storage, reused tensor after tensor
         self._delta_index = {id(src): i for i, (_, src) in enumerate(plan.deltas)}
         self.inputs = inputs
@@ -104,13 +105,9 @@ class TensorComputer:
         self._states: dict[str, dict] = {}
         self._state_lock = threading.Lock()
 
-    def _load(self, src: Source, t: TensorPlan, start: int, count: int, copy: bool = True,
+    def _load(self, src: Source, t: TensorPlan, start: int, count: int,
               out: torch.Tensor | None = None) -> torch.Tensor:
-        """Block [start, start+count) of an input as float32 (into `out` if given). `copy=False`: the
-        caller only reads it, so a cached block is handed over as is (the others are fresh either way)."""
-        cached = self._cache.get(t.name)
-        if cached is not None and src is self.plan.base:
-            return cached[start][0].clone() if copy else cached[start][0]  # callers modify blocks in place
+        """Block [start, start+count) of an input as float32: a fresh tensor, or `out` filled."""
         mf, info = self.inputs.get(src, t.name)
         x = mf.view(info, start, count)
         if self.device.type != "cpu":
@@ -125,10 +122,10 @@ class TensorComputer:
         """θ_i − base. A delta artifact hands over its decoded delta directly: no (base + δ̂) − base round trip."""
         cached = self._cache.get(t.name)
         if cached is not None:
-            d = cached[start][1][self._delta_index[id(src)]]
-            return d.clone() if copy else d
+            d = cached[start][self._delta_index[id(src)]]
+            return d.clone() if copy else d  # `copy=False`: the caller only reads it
         if base is None:
-            base = self._load(self.plan.base, t, start, count, copy=False)
+            base = self._load(self.plan.base, t, start, count)
         if src.artifact is not None and src.artifact.is_compressed(t.name):
             d = src.artifact.decoded(t.name, start, count, base.device)
             return d if out is None else out.copy_(d)
@@ -186,7 +183,7 @@ class TensorComputer:
 
                 def every(start: int, count: int, readonly: bool) -> list[torch.Tensor]:
                     cached = t.name in self._cache  # else one base conversion serves every delta
-                    base = None if cached else self._load(self.plan.base, t, start, count, copy=False)
+                    base = None if cached else self._load(self.plan.base, t, start, count)
                     n = len(self.plan.deltas)
                     return [self._edited(t, states, start, count, base, i, len(t.edits[i]), copy=not readonly).contiguous()
                             for i in range(n)]
@@ -196,8 +193,8 @@ class TensorComputer:
             return states
 
     def _fill_cache(self, t: TensorPlan) -> None:
-        """Decode a streamed tensor's base and raw deltas once when they fit PASS_CACHE_BYTES."""
-        m, n = 1 + len(self.plan.deltas), t.numel
+        """Decode a streamed tensor's raw deltas once when they fit PASS_CACHE_BYTES."""
+        m, n = len(self.plan.deltas), t.numel
         if m * n * 4 > PASS_CACHE_BYTES:
             self._arena = None  # not held while a big tensor streams: the peak would be both
             return
@@ -211,12 +208,12 @@ class TensorComputer:
         regions = [self._arena[j * n:(j + 1) * n] for j in range(m)]
 
         def decode(start: int, count: int, readonly: bool = True) -> list[torch.Tensor]:
-            base = self._load(self.plan.base, t, start, count, out=regions[0][start:start + count])
-            return [base] + [self._delta(src, t, start, count, base, out=regions[1 + i][start:start + count])
-                             for i, (_, src) in enumerate(self.plan.deltas)]
+            base = self._load(self.plan.base, t, start, count)
+            return [self._delta(src, t, start, count, base, out=regions[i][start:start + count])
+                    for i, (_, src) in enumerate(self.plan.deltas)]
 
         src = _BlockSource(decode, self.ranges(t), self.pool, self.workers)
-        self._cache[t.name] = {start: (xs[0], xs[1:]) for start, xs in src.imap(lambda start, xs: (start, xs))}
+        self._cache[t.name] = dict(src.imap(lambda start, xs: (start, xs)))
 
     def compute(self, t: TensorPlan, start: int, count: int, stats: TensorStats | None = None) -> tuple[torch.Tensor, Partial | None]:
         """One output block (flat, output dtype, on the CPU) and its partial sums for the stats."""

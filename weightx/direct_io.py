@@ -4,8 +4,8 @@ A merge writes each output byte once and fsyncs it. Through the page cache that 
 into freshly allocated pages (about 0.6 ns per byte here), background writeback competing for the
 same cores, and a long fsync at the end. With O_DIRECT the disk reads from one reused, page-aligned
 staging buffer: measured on the 2-core machine, 1.3 GB took 0.1 s of CPU and 0.4 s of wall time
-instead of 1.5 s and 1.9 s. Filesystems without O_DIRECT (tmpfs, some network mounts) and
-`WEIGHTX_DIRECT_IO=0` get ordinary buffered writes with the same bytes.
+instead of 1.5 s and 1.9 s. Filesystems without O_DIRECT (tmpfs before Linux 6.6, some FUSE and
+network mounts) and `WEIGHTX_DIRECT_IO=0` get ordinary buffered writes with the same bytes.
 """
 
 from __future__ import annotations

@@ -124,11 +124,11 @@ class TensorComputer:
         if cached is not None:
             d = cached[start][self._delta_index[id(src)]]
             return d.clone() if copy else d  # `copy=False`: the caller only reads it
+        if src.artifact is not None and src.artifact.is_compressed(t.name):
+            d = src.artifact.decoded(t.name, start, count, self.device)
+            return d if out is None else out.copy_(d)
         if base is None:
             base = self._load(self.plan.base, t, start, count)
-        if src.artifact is not None and src.artifact.is_compressed(t.name):
-            d = src.artifact.decoded(t.name, start, count, base.device)
-            return d if out is None else out.copy_(d)
         return self._load(src, t, start, count, out=out).sub_(base)
 
     def prefetch(self, t: TensorPlan) -> None:

@@ -6,9 +6,9 @@ For non-negative IEEE floats the bit pattern, read as an integer, orders like th
 2. histogram the low 16 bits of that bucket's members only, which gives the exact threshold;
 3. keep everything above the threshold, and as many entries equal to it as are still needed,
    lowest flat index first (the index list is only built when some ties must be left out).
-Cost is a few linear passes and one int32 temporary (and a bool mask on the way), instead of the O(n log n) argsort mergekit
-uses (its TIES spends most of its time there). Every step is integer arithmetic, so the selected
-set is the same on every device and run.
+Cost is a few linear passes, one int32 temporary and a bool mask, instead of the O(n log n)
+argsort mergekit uses (its TIES spends most of its time there). Every step is integer arithmetic,
+so the selected set is the same on every device and run.
 
 Conventions: the count is ⌊density·n⌋ computed from the decimal the user wrote (0.29 of 100 is
 29; float `int(0.29*100)` would give 28) and at least 1 for a non-empty tensor with density > 0,
@@ -59,7 +59,8 @@ def _bucket_low_bits(bits: torch.Tensor, b: int, hi: torch.Tensor | None = None)
     """Low 16 bits of the entries of flat int32 `bits` whose magnitude's high 15 bits equal b."""
     if bits.device.type == "cpu" and NUMPY_ON_CPU:
         a = bits.numpy()
-        return torch.from_numpy(a[((a >> 16) & (_ABS >> 16)) == b] & 0xFFFF)
+        high = hi.numpy() if hi is not None else (a >> 16) & (_ABS >> 16)
+        return torch.from_numpy(a[high == b] & 0xFFFF)
     if hi is None:
         hi = torch.bitwise_right_shift(bits, 16).bitwise_and_(_ABS >> 16)
     return bits[hi == b].bitwise_and_(0xFFFF)

@@ -26,8 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 ZYGOTE_SRC = r"""
 import json, os, resource, signal, sys, traceback
 import importlib
-import weightx.api, weightx.cli, weightx.lock, weightx.resume, weightx.staging, weightx.verify  # torch, once
-for name in ("tqdm", "huggingface_hub", "weightx.card", "weightx.delta_artifact", "weightx.distributed",
+import weightx.api, weightx.cli, weightx.io.lock, weightx.pipeline.resume, weightx.io.staging, weightx.io.verify  # torch, once
+for name in ("tqdm", "huggingface_hub", "weightx.pipeline.card", "weightx.io.artifact", "weightx.pipeline.distributed",
              "weightx.validate.sweep", "weightx.inspect"):  # imported lazily by a run: pay for them once
     try:
         importlib.import_module(name)

@@ -1,6 +1,6 @@
 """Independent numpy references for DARE / magnitude / TIES tests.
 
-Written from the specs (module docstrings of weightx.rng, weightx.topk, weightx.combine.ties and
+Written from the specs (module docstrings of weightx.kernels.rng, weightx.kernels.topk, weightx.combine.ties and
 METHODS.md), never by calling the code under test: numpy uint32 arithmetic wraps natively, so the
 hash here needs none of the int64 tricks the torch version uses, and top-k is a full stable sort.
 """

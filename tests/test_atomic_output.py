@@ -65,13 +65,13 @@ def test_existing_output_refused_then_replaced(tmp_path, family):
 
 
 def test_failure_mid_run_cleans_up(tmp_path, family, monkeypatch):
-    import weightx.engine as engine
+    import weightx.pipeline.engine as engine
 
     def boom(*a, **k):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(engine.ShardWriter, "write_raw", boom)
-    from weightx.output import OutputError
+    from weightx.errors import OutputError
 
     with pytest.raises(OutputError, match="the disk is full; the temporary files were removed"):
         weightx.apply(expo_recipe(family["sft"], family["dpo"], tmp_path / "out", 0.3))

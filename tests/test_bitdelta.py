@@ -9,7 +9,7 @@ import torch
 
 from weightx.edits.base import TensorContext
 from weightx.edits.bitdelta import BitDelta, binarize, debinarize
-from weightx.recipe import load_recipe
+from weightx.recipe.model import load_recipe
 
 DELTA = np.array([[0.02, -0.01, 0.0, 0.03], [-0.04, 0.01, 0.02, -0.02]])
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from huggingface_hub import ModelCard
 
-from weightx.card import MARKER, RELATIONS, refresh_card, render_card, render_record
+from weightx.pipeline.card import MARKER, RELATIONS, refresh_card, render_card, render_record
 from weightx.edits.expo import PAPER as EXPO_PAPER
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,7 +122,7 @@ def test_compressed_delta_is_quantized_and_explains_reconstruction():
     assert doc["models"] == {"base": f"{SFT}@{REV_SFT}", "delta": "me/zephyr-bitdelta"}
     assert doc["base"] == "base" and doc["deltas"] == [{"model": "delta"}]
     assert "weightx apply reconstruct.yaml" in section
-    from weightx.recipe import validate_recipe
+    from weightx.recipe.model import validate_recipe
 
     validate_recipe(doc)  # the reconstruction recipe is a valid weightx recipe
 
@@ -207,7 +207,7 @@ def test_card_written_by_apply_is_rebuilt_from_weightx_json_alone(output):
 
 
 def test_render_card_from_a_plan():
-    from weightx.api import plan  # `weightx.plan` is also the name of a module
+    from weightx.api import plan  # `weightx.pipeline.plan` is also the name of a module
 
     text = render_card(plan(REPO / "recipes" / "quickstart.yaml"))
     assert "ExPO extrapolation α=0.3" in text and meta_of(text)["library_name"] == "transformers"

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import weightx
-from weightx import rng
+from weightx.kernels import rng
 from weightx.edits import EDITS, TensorContext
 from weightx.edits.dare import dare_
 from weightx.errors import RecipeError
-from weightx.recipe import load_recipe
+from weightx.recipe.model import load_recipe
 from weightx.testing import load_state_dict
 from conftest import run_cli, write_recipe
 from sparsify_helpers import np_dare, np_drop_mask, np_hash, seed_key

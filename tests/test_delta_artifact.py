@@ -15,7 +15,7 @@ import torch
 
 import weightx.api as api
 from weightx.errors import InputError, PlanError
-from weightx.safetensors_io import OutTensor, layout_header
+from weightx.io.safetensors import OutTensor, layout_header
 from weightx.testing import load_state_dict, make_hf_cache
 
 from conftest import run_cli, write_recipe
@@ -323,7 +323,7 @@ def test_reconstruction_with_many_blocks_on_a_thread_pool(family, tmp_path):
     """Blocks of several compressed tensors are decoded concurrently; each must see its own tensor."""
     from safetensors.torch import load_file
 
-    from weightx.engine import write_shards
+    from weightx.pipeline.engine import write_shards
 
     dense = api.apply(recipe(family["sft"], family["dpo"], tmp_path / "dense", [{"bitdelta": {"bits": 2}}], "dense"))
     api.apply(recipe(family["sft"], family["dpo"], tmp_path / "art", [{"bitdelta": {"bits": 2}}]))

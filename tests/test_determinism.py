@@ -16,8 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import weightx
-from weightx.plan import build_plan
-from weightx.recipe import load_recipe
+from weightx.pipeline.planner import build_plan
+from weightx.recipe.model import load_recipe
 from conftest import REPO, write_recipe
 
 SHAPES = {
@@ -139,7 +139,7 @@ def test_output_shard_size_does_not_change_any_tensor(inputs, reference, tmp_pat
 
 
 def test_engine_block_size_does_not_change_the_output(inputs, reference, tmp_path):
-    from weightx.engine import write_shards
+    from weightx.pipeline.engine import write_shards
 
     plan = build_plan(load_recipe(block_recipe(inputs["single"], tmp_path / "unused")))
     assert any(t.elementwise and t.numel > 1 << 20 for t in plan.tensors)

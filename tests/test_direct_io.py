@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from weightx import direct_io
-from weightx.direct_io import ALIGN, CHUNK, SequentialFile
+from weightx.io import direct as direct_io
+from weightx.io.direct import ALIGN, CHUNK, SequentialFile
 
 SIZES = [[], [1], [ALIGN - 1], [ALIGN], [CHUNK], [CHUNK + 1], [3, CHUNK - 3, 5], [ALIGN + 7] * 3 + [2 * CHUNK + 11]]
 

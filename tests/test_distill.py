@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import weightx.api as api
-from weightx.distill import batches, build_models, calibration_windows, train_scales
+from weightx.pipeline.distill import batches, build_models, calibration_windows, train_scales
 from weightx.errors import PlanError
 from weightx.testing import default_corpus, load_state_dict
 
@@ -155,7 +155,7 @@ def test_distill_plan_problems(family, tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe(family["sft"], family["dpo"], tmp_path / "x", {"data": "cal.txt"})))
     plan = api.plan(path)
-    assert plan.recipe.deltas[0].edits[0]._data_path == (tmp_path / "cal.txt").resolve()
+    assert plan.distill_data == (tmp_path / "cal.txt").resolve()
 
 
 @pytest.mark.gpu

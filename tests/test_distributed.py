@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from weightx.distributed import assign
+from weightx.pipeline.distributed import assign
 from conftest import REPO, run_cli, write_recipe
 
 pytestmark = pytest.mark.timeout(600)

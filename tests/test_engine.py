@@ -11,9 +11,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import weightx
-from weightx.engine import pick_device, write_shards
-from weightx.plan import build_plan
-from weightx.recipe import load_recipe
+from weightx.pipeline.compute import pick_device
+from weightx.pipeline.engine import write_shards
+from weightx.pipeline.planner import build_plan
+from weightx.recipe.model import load_recipe
 from weightx.testing import load_state_dict
 from conftest import expo_recipe
 

@@ -37,7 +37,7 @@ def seed_shard(tmp_path_factory) -> bytes:
 
 def read_all(path: Path) -> None:
     """What a run does with a file: validate the header, then view every tensor through the mapping."""
-    from weightx.safetensors_io import MappedFile, read_header
+    from weightx.io.safetensors import MappedFile, read_header
 
     header = read_header(path)
     mf = MappedFile(header)
@@ -135,7 +135,7 @@ def test_fuzz_structured_headers(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_fuzz_index_json(tmp_path):
-    from weightx.sources import resolve
+    from weightx.io.sources import resolve
 
     base, model = make_pair(tmp_path, shards=2)
     index = model / "model.safetensors.index.json"
@@ -225,7 +225,7 @@ def mutate_text(text: str, rng: random.Random) -> str:
 
 
 def load_path(p: Path) -> None:
-    from weightx.recipe import load_recipe
+    from weightx.recipe.model import load_recipe
 
     load_recipe(p)
 
@@ -257,7 +257,7 @@ def test_fuzz_recipe_yaml_hypothesis(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_fuzz_recipe_dicts_and_overrides():
-    from weightx.recipe import load_recipe
+    from weightx.recipe.model import load_recipe
 
     good = yaml.safe_load(GOOD_YAML)
     paths = ["name", "models", "models.base", "base", "deltas", "deltas.0", "deltas.0.weight", "deltas.0.model",

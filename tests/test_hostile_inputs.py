@@ -145,7 +145,7 @@ def test_absurd_header_length_allocates_nothing(tmp_path):
     import tracemalloc
 
     from weightx.errors import InputError
-    from weightx.safetensors_io import read_header
+    from weightx.io.safetensors import read_header
 
     p = tmp_path / "x.safetensors"
     for n in (2**63 - 1, 99 * 1024 * 1024, 50):
@@ -275,7 +275,7 @@ def test_nonfinite_warn_one_line_per_tensor_counts_all_blocks(tmp_path):
     import warnings
 
     import weightx
-    from weightx.verify import NonFiniteWarning
+    from weightx.pipeline.compute import NonFiniteWarning
 
     base = {"big.weight": torch.randn(3000, 1000)}
     model = {"big.weight": base["big.weight"] + 0.01}
@@ -469,7 +469,7 @@ def test_bad_recipe_numbers_and_names(zygote, tmp_path, case):
 
 def test_alias_differing_only_in_unicode_form():
     from weightx.errors import RecipeError
-    from weightx.recipe import load_recipe
+    from weightx.recipe.model import load_recipe
 
     doc = {"models": {"base": "a", "mod\u00e9l": "b"}, "base": "base", "deltas": [{"model": "mode\u0301l"}]}
     with pytest.raises(RecipeError, match="only in its Unicode form"):

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import weightx
-from weightx import topk
+from weightx.kernels import topk
 from weightx.edits import EDITS, TensorContext
 from weightx.errors import RecipeError
-from weightx.recipe import load_recipe
+from weightx.recipe.model import load_recipe
 from weightx.testing import load_state_dict
 from sparsify_helpers import np_keep_count, np_topk_mask
 

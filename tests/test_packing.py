@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from weightx.packing import ef_decode, ef_encode, ef_low_bits, ef_nbytes, pack_bits, packed_len, unpack_bits
+from weightx.formats.packing import ef_decode, ef_encode, ef_low_bits, ef_nbytes, pack_bits, packed_len, unpack_bits
 
 
 def _pack_reference(bits: np.ndarray) -> np.ndarray:
@@ -63,7 +63,7 @@ def test_round_trip_and_reference_layout(shape):
 @pytest.mark.parametrize("shape", [(5, 37), (3, 8), (2, 2, 9), (1,)])
 def test_torch_path_equals_numpy_path(shape):
     """Non-CPU devices use torch bit ops; they must give the numpy path's bytes exactly."""
-    from weightx.packing import _pack_torch, _unpack_torch
+    from weightx.formats.packing import _pack_torch, _unpack_torch
 
     bits = torch.rand(shape, generator=torch.Generator().manual_seed(0)) > 0.3
     packed = pack_bits(bits)

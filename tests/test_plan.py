@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import save_file
 
 from weightx.errors import PlanError, UsageError
-from weightx.plan import build_plan
-from weightx.recipe import load_recipe
+from weightx.pipeline.planner import build_plan
+from weightx.recipe.model import load_recipe
 from conftest import expo_recipe, run_cli, write_recipe
 
 

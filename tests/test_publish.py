@@ -17,7 +17,8 @@ from huggingface_hub import ModelCard, constants
 
 from hub_server import HubServer
 from weightx.errors import UsageError
-from weightx.publish import PushError, push, render_dry_run
+from weightx.errors import PushError
+from weightx.publish import push, render_dry_run
 from weightx.testing import make_hf_cache
 
 REPO = Path(__file__).resolve().parents[1]
@@ -374,7 +375,7 @@ def test_cli_push_recipe_block_and_the_planted_token_leaks_nowhere(hub, hub_cach
 
 def test_only_rank_zero_pushes_under_torchrun(hub, out, monkeypatch):
     from weightx.publish import push_spec, render_push
-    from weightx.recipe import PushSpec
+    from weightx.recipe.model import PushSpec
 
     monkeypatch.setenv("RANK", "1")
     r = push_spec(out, PushSpec(repo="alice/x"), endpoint=hub.url)
@@ -385,7 +386,7 @@ def test_only_rank_zero_pushes_under_torchrun(hub, out, monkeypatch):
 
 def test_a_token_in_the_recipe_push_block_is_rejected_without_echoing_it():
     from weightx.errors import RecipeError
-    from weightx.recipe import load_recipe
+    from weightx.recipe.model import load_recipe
 
     with pytest.raises(RecipeError) as err:
         load_recipe(expo_recipe(push={"repo": "alice/x", "token": TOKEN}))

@@ -9,7 +9,7 @@ import yaml
 
 import weightx
 from weightx.errors import RecipeError, UsageError
-from weightx.recipe import load_recipe
+from weightx.recipe.model import load_recipe
 from conftest import REPO, run_cli, write_recipe
 
 GOOD = {

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from weightx.sources import resolve
+from weightx.io.sources import resolve
 from weightx.testing import load_state_dict, make_hf_cache
 from conftest import expo_recipe, run_cli, write_recipe
 
@@ -82,7 +82,7 @@ def test_prehash_starts_early_and_the_run_reuses_it(family, tmp_path, monkeypatc
 
     import yaml
 
-    from weightx import provenance
+    from weightx.io import provenance
 
     monkeypatch.setenv("WEIGHTX_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(provenance, "_inflight", {})
@@ -105,7 +105,7 @@ def test_prehash_ignores_what_it_cannot_use(tmp_path, monkeypatch):
     expanded) or a Hub id start nothing and raise nothing; the real loader reports errors later."""
     import time
 
-    from weightx import provenance
+    from weightx.io import provenance
 
     monkeypatch.setattr(provenance, "_inflight", {})
     bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(

@@ -20,10 +20,11 @@ from weightx.combine.ties import Ties
 from weightx.edits.base import TensorContext
 from weightx.edits.dare import Dare
 from weightx.edits.magnitude import Magnitude
-from weightx.engine import TensorComputer, write_shards
-from weightx.plan import build_plan
-from weightx.recipe import load_recipe
-from weightx.topk import keep_count, select_blocks, threshold_bits
+from weightx.pipeline.compute import TensorComputer
+from weightx.pipeline.engine import write_shards
+from weightx.pipeline.planner import build_plan
+from weightx.recipe.model import load_recipe
+from weightx.kernels.topk import keep_count, select_blocks, threshold_bits
 
 N = 300_000
 NAME = "model.layers.0.mlp.up_proj.weight"
@@ -78,7 +79,7 @@ def test_select_blocks_equals_the_whole_tensor_threshold(density, members, gathe
     """(v, r, e) as on the whole tensor, and each block's count of ties at v (and of those before
     it), whether taken from the threshold bucket's kept members or from a pass of their own, with
     the CPU compares and gathers in numpy or in torch (the CUDA code path)."""
-    import weightx.topk as topk
+    import weightx.kernels.topk as topk
 
     monkeypatch.setattr(topk, "NUMPY_ON_CPU", gathers == "numpy")
     if members != "kept":
@@ -172,7 +173,7 @@ def _read(folder: Path) -> dict[str, bytes]:
 def test_engine_streams_and_equals_the_whole_tensor_path(merge_family, tmp_path, monkeypatch, combine, edits, cache):
     """Pre-passes on the block pool, over blocks decoded once (PASS_CACHE_BYTES) or re-read from
     the mappings each pass, give the bytes of the whole-tensor path."""
-    import weightx.engine as engine
+    import weightx.pipeline.compute as engine
 
     if cache == "re-read per pass":
         monkeypatch.setattr(engine, "PASS_CACHE_BYTES", 0)
@@ -257,8 +258,8 @@ def _ties_plan(merge_family, tmp_path):
 def test_readonly_prepasses_read_the_decoded_blocks_without_copies(merge_family, tmp_path, monkeypatch):
     """TIES's threshold passes only read their blocks: they get the decoded (cached) deltas
     themselves, not per-pass copies; the mutating pre-passes (tested above) still get copies."""
-    import weightx.engine as engine
-    import weightx.topk as topk
+    import weightx.pipeline.compute as engine
+    import weightx.kernels.topk as topk
 
     plan = _ties_plan(merge_family, tmp_path)
     big = max(plan.tensors, key=lambda t: t.numel)
@@ -282,7 +283,7 @@ def test_readonly_prepasses_read_the_decoded_blocks_without_copies(merge_family,
 def test_decoded_tensors_share_one_buffer_and_never_overlap(merge_family, tmp_path, monkeypatch):
     """The pass cache decodes tensor after tensor into one buffer (no fresh pages per tensor); a
     second tensor prepared while the first is still cached gets no cache rather than its storage."""
-    import weightx.engine as engine
+    import weightx.pipeline.compute as engine
 
     plan = _ties_plan(merge_family, tmp_path)
     a, b = sorted((t for t in plan.tensors if t.edit), key=lambda t: -t.numel)[:2]
@@ -310,7 +311,7 @@ def test_ties_peak_memory_does_not_grow_with_the_largest_tensor(tmp_path, monkey
     # with the thread count, not with the tensor.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "WEIGHTX_CACHE": str(tmp_path / "cache")}
     # Input hashes cached first: this measures the TIES stream, not a hashing thread's arena.
-    from weightx import provenance
+    from weightx.io import provenance
 
     monkeypatch.setenv("WEIGHTX_CACHE", env["WEIGHTX_CACHE"])
     provenance.Hasher(sorted(tmp_path.glob("*/*/*.safetensors"))).result()

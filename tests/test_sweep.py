@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from weightx.cli import main
 from weightx.errors import RecipeError
-from weightx.recipe import load_recipe
+from weightx.recipe.model import load_recipe
 from weightx.testing import REPO_ROOT
 
 TINY = REPO_ROOT / "examples" / "tiny"
@@ -91,7 +91,7 @@ def test_in_memory_weights_equal_the_written_checkpoint_bit_for_bit(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from weightx.api import execute
-    from weightx.plan import build_plan
+    from weightx.pipeline.planner import build_plan
     from weightx.validate.sweep import set_weights
 
     model = AutoModelForCausalLM.from_pretrained(TINY / "dpo", dtype=torch.float32)
@@ -118,7 +118,7 @@ def swept(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sweep")
     recipe = folder / "sweep.yaml"
     recipe.write_text(yaml.safe_dump(recipe_data(folder / "out", ALPHAS, select="weightx_ppl/bits_per_byte")))
-    from weightx.safetensors_io import ShardWriter
+    from weightx.io.safetensors import ShardWriter
 
     written: list[Path] = []
     original = ShardWriter.__init__

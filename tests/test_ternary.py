@@ -114,7 +114,7 @@ def _global_recipe(fam, out, fmt="delta", **ternary):
 
 
 def _decoded(path):
-    from weightx.sources import resolve
+    from weightx.io.sources import resolve
 
     src = resolve("a", str(path))
     return {n: src.artifact.decode(n).double().numpy() for n in src.artifact.codecs}
@@ -125,7 +125,7 @@ def test_global_scope_matches_a_flattened_numpy_reference(family, tmp_path, scal
     import json
 
     import weightx.api as api
-    from weightx.plan import natural_key
+    from weightx.pipeline.plan import natural_key
     from weightx.testing import load_state_dict
 
     density = 0.137

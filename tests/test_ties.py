@@ -10,7 +10,7 @@ import weightx
 from weightx.combine import COMBINES
 from weightx.edits import TensorContext
 from weightx.errors import RecipeError
-from weightx.recipe import load_recipe
+from weightx.recipe.model import load_recipe
 from weightx.testing import load_state_dict
 from sparsify_helpers import np_drop_mask, np_keep_count, np_ties, np_topk_mask
 

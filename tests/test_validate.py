@@ -220,7 +220,7 @@ def test_bundled_tasks_have_absolute_data_paths_and_smoke_group(tmp_path, monkey
 
 def test_python_api_validates_and_raises_on_a_failed_gate(tmp_path):
     import weightx
-    from weightx.validate.report import GateFailed
+    from weightx.errors import GateFailed
 
     data = yaml.safe_load(write_recipe(tmp_path, tasks=["weightx_ppl"], limit=2, compare=[],
                                        require={"weightx_ppl/bits_per_byte": "< 100"}).read_text())

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from weightx.errors import RecipeError
-from weightx.recipe import load_recipe
-from weightx.validate.gates import check, lookup, parse_gate, parse_select
+from weightx.recipe.model import load_recipe
+from weightx.recipe.gates import check, lookup, parse_gate, parse_select
 
 RESULTS = {
     "output": {"weightx_mc": {"acc": {"value": 0.50, "stderr": 0.1}},

@@ -1,4 +1,5 @@
-"""The `weightx` command. Imports stay inside commands so `weightx --help` answers instantly."""
+"""The `weightx` command: a thin wrapper over `weightx.api`, which it imports only when a command
+runs, so `weightx --help` answers instantly. Every behaviour lives in the API; this prints it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import sys
 from typing import Any
 
 import click
+
+from weightx.errors import WeightxError
+from weightx.io.provenance import prehash_recipe
 
 # torch's OpenMP threads spin while waiting by default, which starves the other threads (our
 # block workers, the writer) on a busy or small machine; sleeping costs little for our op sizes.
@@ -20,8 +24,6 @@ class _Group(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         import warnings
-
-        from weightx.errors import WeightxError
 
         shown = warnings.showwarning
 
@@ -48,6 +50,13 @@ def main() -> None:
     """Edit LLM weights through their deltas: ExPO, DARE, TIES, BitDelta, ternary."""
 
 
+def _api() -> Any:
+    """weightx.api, imported when a command runs: it loads torch, which `weightx --help` must not wait for."""
+    import weightx.api
+
+    return weightx.api
+
+
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--output", "-o", type=click.Path(file_okay=False), help="Output folder (overrides output.path).")
@@ -62,65 +71,39 @@ def apply(recipe: str, output: str | None, device: str, overrides: tuple[str, ..
           overwrite: bool, no_validate: bool, no_push: bool, progress: bool | None) -> None:
     """Run RECIPE and write its output."""
     import gc
-    from pathlib import Path
 
     # torch's import allocates ~10^6 long-lived objects; collections during it cost ~0.12 s of the
-    # start-up. Collection resumes (with those objects frozen) once the plan is built.
+    # start-up. Collection resumes (with those objects frozen) once the imports are done.
     gc.disable()
     try:
         if not dry_run and os.environ.get("WORLD_SIZE", "1") == "1":
-            from weightx.provenance import prehash_recipe
-
             prehash_recipe(recipe)  # input hashes for weightx.json start on the core the imports leave idle
-
-        from weightx.api import execute
-        from weightx.plan import build_plan, human_bytes, render_plan
-        from weightx.recipe import load_recipe
-
-        r = load_recipe(recipe, overrides)
-        plan = build_plan(r, output, Path(recipe).parent)
+        api = _api()
     finally:
+        # Freezing moves the imports' objects out of the collector's sight: every full collection
+        # during the stream would walk them all (~0.3 s of CPU on a 1.3 GB merge).
         gc.freeze()
         gc.enable()
     if dry_run:
-        click.echo(render_plan(plan) + (f"\n{r.sweep.describe()}" if r.sweep is not None else ""))
+        click.echo(api.describe_plan(recipe, output=output, overrides=overrides))
         return
-    sweep = tasks = None
-    if r.sweep is not None:  # evaluate every candidate in memory; only the winner is written
-        from weightx.validate.report import run_recipe_sweep
-        from weightx.validate.table import render_sweep
 
-        r, sweep, tasks = run_recipe_sweep(r, output=output, recipe_dir=Path(recipe).parent, device=device,
-                                           validate=not no_validate, log=lambda m: click.echo(m, err=True))
-        click.echo(render_sweep(sweep))
-        plan = build_plan(r, output, Path(recipe).parent)
-    if tasks is None and r.validate_ is not None and not no_validate and os.environ.get("RANK", "0") == "0":
-        from weightx.validate.tasks import load_tasks, resolve_tasks
+    def report(event: str, value: Any) -> None:
+        if event == "log":
+            click.echo(value, err=True)
+        elif event == "sweep":
+            click.echo(api.render_sweep(value))
+        elif event == "written":
+            click.echo(f"wrote {value.path} ({api.human_bytes(value.total_size)} in {len(value.shards)} shard(s), {value.seconds:.1f} s)")
+            if value.extra.get("resumed"):
+                click.echo(f"resumed {len(value.extra['resumed'])} shard(s) finished by an interrupted run (verified by sha256)", err=True)
+        elif event == "validation":
+            click.echo(api.render_validation(value))
+        elif event == "push":
+            click.echo(api.render_push(value))
 
-        # An unknown task or one whose data is offline stops the run before any compute.
-        tasks = load_tasks(resolve_tasks(r.validate_.tasks, Path(recipe).parent))
-    # The imports left ~10^6 long-lived objects; every full collection during the stream would walk
-    # them all (~0.3 s of CPU on a 1.3 GB merge). Freezing moves them out of the collector's sight.
-    gc.freeze()
-    result = execute(plan, device=device, overwrite=overwrite, progress=progress)
-    if os.environ.get("RANK", "0") != "0":
-        return  # under torchrun, rank 0 alone reports, validates and publishes
-    click.echo(f"wrote {result.path} ({human_bytes(result.total_size)} in {len(result.shards)} shard(s), {result.seconds:.1f} s)")
-    if result.extra.get("resumed"):
-        click.echo(f"resumed {len(result.extra['resumed'])} shard(s) finished by an interrupted run (verified by sha256)", err=True)
-    if r.validate_ is not None and not no_validate:
-        from weightx.validate.report import GateFailed, validate_output
-        from weightx.validate.table import render_validation
-
-        v = validate_output(plan, path=result.path, recipe_dir=Path(recipe).parent, device=device, sweep=sweep,
-                            tasks=tasks, log=lambda m: click.echo(m, err=True))
-        click.echo(render_validation(v))
-        if not v.passed:
-            raise GateFailed(v, result.path)
-    if r.push is not None and not no_push:  # keep last: publish only after apply (and validation) succeeded
-        from weightx.publish import push_spec, render_push
-
-        click.echo(render_push(push_spec(result.path, r.push, log=lambda m: click.echo(m, err=True))))
+    api.apply(recipe, output=output, device=device, overrides=overrides, overwrite=overwrite, progress=progress,
+              validate=not no_validate, push=not no_push, report=report)
 
 
 @main.command()
@@ -129,13 +112,7 @@ def apply(recipe: str, output: str | None, device: str, overrides: tuple[str, ..
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a recipe value; repeatable.")
 def plan(recipe: str, output: str | None, overrides: tuple[str, ...]) -> None:
     """Resolve inputs, check names/shapes/dtypes and print the plan; no compute."""
-    from pathlib import Path
-
-    from weightx.plan import build_plan, render_plan
-    from weightx.recipe import load_recipe
-
-    r = load_recipe(recipe, overrides)
-    click.echo(render_plan(build_plan(r, output, Path(recipe).parent)) + (f"\n{r.sweep.describe()}" if r.sweep is not None else ""))
+    click.echo(_api().describe_plan(recipe, output=output, overrides=overrides))
 
 
 @main.command()
@@ -144,9 +121,7 @@ def plan(recipe: str, output: str | None, overrides: tuple[str, ...]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def inspect(path: str, show_tensors: bool, as_json: bool) -> None:
     """Summarise a checkpoint, a weightx output or a delta artifact."""
-    from weightx.inspect import inspect_source
-
-    click.echo(inspect_source(path, show_tensors=show_tensors, as_json=as_json))
+    click.echo(_api().inspect_source(path, show_tensors=show_tensors, as_json=as_json))
 
 
 @main.command()
@@ -161,23 +136,19 @@ def inspect(path: str, show_tensors: bool, as_json: bool) -> None:
 def push(path: str, repo: str | None, private: bool, revision: str | None, commit_message: str | None,
          token: str | None, dry_run: bool, force: bool) -> None:
     """Publish a finished output folder PATH, with its model card, to the Hugging Face Hub."""
-    from weightx.publish import push as push_folder
-    from weightx.publish import render_dry_run, render_push
-
-    result = push_folder(path, repo=repo, private=private, revision=revision, commit_message=commit_message,
-                         token=token, dry_run=dry_run, force=force, log=lambda m: click.echo(m, err=True))
-    click.echo(render_dry_run(result) if dry_run else render_push(result))
+    api = _api()
+    result = api.push(path, repo=repo, private=private, revision=revision, commit_message=commit_message,
+                      token=token, dry_run=dry_run, force=force, log=lambda m: click.echo(m, err=True))
+    click.echo(api.render_dry_run(result) if dry_run else api.render_push(result))
 
 
 @main.command()
 @click.argument("path", type=click.Path(file_okay=False))
 def verify(path: str) -> None:
     """Re-hash the shards of a weightx output PATH against the sha256 in its weightx.json."""
-    from weightx.verify import render_verify
-    from weightx.verify import verify as verify_output
-
-    result = verify_output(path)
-    click.echo(render_verify(result))
+    api = _api()
+    result = api.verify(path)
+    click.echo(api.render_verify(result))
     if not result.passed:
         sys.exit(1)
 
@@ -199,16 +170,13 @@ def eval_(path: str, tasks: tuple[str, ...], limit: float | None, batch_size: st
     """Evaluate the checkpoint at PATH (a folder or Hub id) with lm-eval; same table as a recipe's validate block."""
     import json
 
-    from weightx.validate.report import evaluate_paths
-    from weightx.validate.runner import EvalSettings
-    from weightx.validate.table import render_validation
-
+    api = _api()
     names = [t.strip() for item in tasks for t in item.split(",") if t.strip()]
     n = int(limit) if limit is not None and limit >= 1 and limit == int(limit) else limit
-    settings = EvalSettings(limit=n, batch_size=int(batch_size) if batch_size.isdigit() else batch_size,
+    settings = api.EvalSettings(limit=n, batch_size=int(batch_size) if batch_size.isdigit() else batch_size,
                             num_fewshot=num_fewshot, device=None if device == "auto" else device, dtype=dtype)
-    v = evaluate_paths(path, compare=list(compare), tasks=names, settings=settings, log=lambda m: click.echo(m, err=True))
-    click.echo(render_validation(v))
+    v = api.evaluate_paths(path, compare=list(compare), tasks=names, settings=settings, log=lambda m: click.echo(m, err=True))
+    click.echo(api.render_validation(v))
     if json_path:
         with open(json_path, "w", encoding="utf-8") as f:
             json.dump(v.as_record(), f, indent=2)

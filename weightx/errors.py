@@ -1,4 +1,9 @@
-"""User-facing errors. Anything else that escapes the CLI is a bug and keeps its traceback."""
+"""Every user-facing error of weightx, in one place.
+
+Each subclasses `WeightxError` (printed by the CLI as one line, exit status `exit_code`) and the
+standard exception a library user would catch for it (`ValueError`, `FileNotFoundError`,
+`PermissionError`, ...). Anything else that escapes the CLI is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,21 @@ class WeightxError(Exception):
     exit_code = 1
 
 
-class UsageError(WeightxError):
+class _Problems:
+    """An error that may carry several problems; its type never depends on how many."""
+
+    def __init__(self, problems: str | list[str], head: str = "") -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        if len(self.problems) == 1 and not head:
+            text = self.problems[0]
+        else:
+            n = len(self.problems)
+            head = head or f"{n} problem{'s' if n != 1 else ''}:"
+            text = "\n".join([head] + [f"  - {p}" for p in self.problems])
+        super().__init__(text)  # type: ignore[call-arg]
+
+
+class UsageError(WeightxError, ValueError):
     """Bad recipe or arguments."""
 
     exit_code = 2
@@ -26,14 +45,44 @@ class RecipeError(UsageError):
         super().__init__("\n".join(lines))
 
 
-class InputError(WeightxError):
-    """A model source that is missing, unreadable or malformed."""
+class InputError(_Problems, WeightxError, ValueError):
+    """A model source that is unreadable or malformed (one or several)."""
 
 
-class PlanError(WeightxError):
+class InputNotFoundError(InputError, FileNotFoundError):
+    """A model source that does not exist (locally or on the Hub)."""
+
+
+class PlanError(_Problems, WeightxError, ValueError):
     """Inputs that cannot be combined as the recipe asks (missing tensors, shape mismatches...)."""
 
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        head = f"the recipe cannot run; {len(problems)} problem{'s' if len(problems) != 1 else ''}:"
-        super().__init__("\n".join([head] + [f"  - {p}" for p in problems]))
+    def __init__(self, problems: str | list[str]):
+        n = 1 if isinstance(problems, str) else len(problems)
+        super().__init__(problems, f"the recipe cannot run; {n} problem{'s' if n != 1 else ''}:")
+
+
+class OutputError(WeightxError, OSError):
+    """The output path cannot be used or written (exists, not ours, not writable, disk full)."""
+
+    def __str__(self) -> str:  # OSError's own formatting would add errno fields we never set
+        return str(self.args[0]) if self.args else ""
+
+
+class OutputBusyError(OutputError, BlockingIOError):
+    """Another weightx process holds the output's lock."""
+
+
+class VerifyFailed(WeightxError, ValueError):
+    """An output's files do not match the sha256 its weightx.json records."""
+
+
+class PushError(WeightxError, ConnectionError):
+    """Publishing to the Hub failed (auth, network, refused repo, unfinished output)."""
+
+
+class GateFailed(WeightxError, AssertionError):
+    """A validate.require gate failed; the output is kept and the results recorded."""
+
+
+class RankFailed(WeightxError, RuntimeError):
+    """Another rank of a distributed run failed."""

@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from weightx.errors import UsageError, WeightxError
+from weightx.errors import PushError, UsageError, WeightxError
 
 if TYPE_CHECKING:
-    from weightx.recipe import PushSpec
+    from weightx.recipe.model import PushSpec
 
 RETRIES = 3  # extra attempts per step after the first
 BACKOFF_S = 2.0  # first wait; doubles each attempt (WEIGHTX_PUSH_BACKOFF overrides it, e.g. in tests)
@@ -40,10 +40,6 @@ WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.
 SCAN_LIMIT = 10 << 20  # text files up to this size are checked for the token
 MIN_TOKEN_LEN = 8  # shorter "tokens" are not real ones, and would match everywhere
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]{0,95}/[A-Za-z0-9][\w.\-]{0,95}$")
-
-
-class PushError(WeightxError):
-    """A push that cannot go ahead or that the Hub refused."""
 
 
 @dataclass
@@ -147,7 +143,7 @@ def _scrub(text: str, token: str | None) -> str:
 
 def manifest(folder: Path, card: str | None) -> list[FileEntry]:
     """Every file of the output (hidden ones skipped), with size and sha256; README.md from `card`."""
-    from weightx.provenance import Hasher
+    from weightx.io.provenance import Hasher
 
     paths = sorted(p for p in folder.rglob("*")
                    if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
@@ -177,7 +173,7 @@ def _refuse_token_in_files(files: list[FileEntry], token: str) -> None:
 
 def default_commit_message(record: dict) -> str:
     from weightx import __version__
-    from weightx.card import summary
+    from weightx.pipeline.card import summary
 
     text = f"weightx {record.get('weightx_version') or __version__}: {summary(record).rstrip('.')}"
     return text if len(text) <= 120 else text[:119] + "…"
@@ -300,7 +296,7 @@ def push(
     Without `repo`, the `push:` block recorded in the folder's weightx.json supplies repo, private,
     revision and commit message. `dry_run` lists what would be pushed and makes no network call.
     """
-    from weightx.card import refresh_card
+    from weightx.pipeline.card import refresh_card
 
     log = log or (lambda _msg: None)
     if backoff is None:
@@ -378,7 +374,7 @@ def _operations(files: list[FileEntry], deleted: list[str]) -> list:
 
 
 def _description(record: dict) -> str:
-    from weightx.card import summary
+    from weightx.pipeline.card import summary
 
     return f"{summary(record)}\n\nMade with weightx; the recipe as run, input hashes and validation are in weightx.json."
 
@@ -401,7 +397,7 @@ def push_spec(path: str | Path, spec: "PushSpec", *, log: Callable[[str], None] 
 
 
 def human(n: int) -> str:
-    from weightx.plan import human_bytes
+    from weightx.pipeline.plan import human_bytes
 
     return human_bytes(n)
 

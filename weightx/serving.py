@@ -25,9 +25,12 @@ from pathlib import Path
 
 import torch
 
-from weightx.delta_artifact import ArtifactReader
 from weightx.errors import InputError
-from weightx.packing import ef_decode, ef_encode
+from weightx.formats import DECODERS
+from weightx.io.artifact import ArtifactReader
+from weightx.io.safetensors import MappedFile
+from weightx.io.sources import resolve
+from weightx.formats.packing import ef_decode, ef_encode
 
 
 @dataclass
@@ -55,12 +58,10 @@ class DeltaArtifact:
 
     def decode(self, name: str, device: torch.device | str | None = None) -> torch.Tensor:
         """The dense float32 delta δ̂ of one compressed tensor."""
-        from weightx.delta_artifact import _decoders
-
         entry = self.codecs[name]
         params = {k: v for k, v in entry.items() if k not in ("codec", "shape", "dtype")}
         parts = {k: v.to(device) if device is not None else v for k, v in self.parts[name].items()}
-        return _decoders()[entry["codec"]](parts, tuple(entry["shape"]), **params)
+        return DECODERS[entry["codec"]](parts, tuple(entry["shape"]), **params)
 
     def to(self, device: torch.device | str) -> DeltaArtifact:
         """Move everything to `device` (e.g. the GPU holding the base), in place; returns self."""
@@ -71,16 +72,12 @@ class DeltaArtifact:
 
 def load_delta(path: str | Path) -> DeltaArtifact:
     """Read a delta artifact folder (local or a Hub id) into memory."""
-    from weightx.sources import resolve
-
     src = resolve("delta", str(path))
     reader: ArtifactReader | None = src.artifact
     if reader is None:
         raise InputError(f"{path} is not a weightx delta artifact (no weightx.json with output.format: delta)")
     parts = {n: {k: v.clone() for k, v in reader.parts(n).items()} for n in reader.codecs}
     whole = {}
-    from weightx.safetensors_io import MappedFile
-
     maps: dict[str, MappedFile] = {}
     for name, shard in src.weight_map.items():
         if reader.is_compressed(name):

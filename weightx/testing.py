@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from weightx.provenance import sha256_file  # noqa: F401 - re-exported for tests
+from weightx.io.provenance import sha256_file  # noqa: F401 - re-exported for tests
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast

@@ -3,7 +3,7 @@
 Yadav et al., "TIES-Merging: Resolving Interference When Merging Models" (arXiv 2306.01708).
 Per tensor, for deltas τ_t with weights w_t:
 1. trim: keep the top-`density` fraction of |τ_t| (exact count, ties by lowest flat index; see
-   `weightx.topk`). Per tensor, as mergekit and MergeLM's successor do; the paper trims globally.
+   `weightx.kernels.topk`). Per tensor, as mergekit and MergeLM's successor do; the paper trims globally.
 2. weight: τ̂_t = w_t·τ_t. Weights are applied before the election, as in mergekit, so a weight
    scales a delta's say in the sign as well as its contribution.
 3. elect: γ = sign(Σ_t τ̂_t) ("mass"). Where the sum is exactly 0, `zero_sign: positive` (the
@@ -17,7 +17,7 @@ Per tensor, for deltas τ_t with weights w_t:
 With `dare` edits on the deltas first this is DARE-TIES (MergeLM: DARE, then TIES).
 
 Streaming: the only tensor-wide facts are each delta's trim threshold (and, for `majority`, the
-sign counts); `prepare` gathers them in pre-passes over blocks (`weightx.topk.select_blocks`), after
+sign counts); `prepare` gathers them in pre-passes over blocks (`weightx.kernels.topk.select_blocks`), after
 which every step is elementwise and the engine computes the tensor in blocks, bit for bit equal.
 """
 
@@ -32,7 +32,7 @@ from pydantic import field_validator
 from weightx.combine.base import CombineConfig
 from weightx.edits.base import TensorContext
 from weightx.edits.magnitude import check_density
-from weightx.topk import Blocks, Selection, Workspace, each_block, keep_count, select_blocks, trim_, trim_block_
+from weightx.kernels.topk import Blocks, Selection, Workspace, each_block, keep_count, select_blocks, trim_, trim_block_
 
 PAPER = "https://arxiv.org/abs/2306.01708"
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -25,6 +25,9 @@ class TensorContext:
     # What the step's `prepare` gathered over the whole tensor (set by the engine for a step with
     # `streams`, which then gets blocks); None: the step gets the whole tensor.
     state: object = field(default=None, compare=False, repr=False)
+    # This tensor's entry in the run state for the step (`weightx.pipeline.state.RunState`): what a
+    # pre-run phase learned for it (distilled BitDelta scales, a global ternary selection), or None.
+    run: object = field(default=None, compare=False, repr=False)
 
     @property
     def numel(self) -> int:
@@ -41,6 +44,11 @@ class TensorContext:
 
 def matches(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+# Run-level phases before any write: BitDelta's scale distillation (needs the whole model in
+# memory) and the global ternary statistics (two read passes over the selected tensors).
+Prepass = Literal["distill", "global_statistics"]
 
 
 class EditConfig(BaseModel):
@@ -62,6 +70,14 @@ class EditConfig(BaseModel):
     streams: ClassVar[bool] = False
     # Edits that only touch floating tensors of these ranks (None = any rank).
     ranks: ClassVar[tuple[int, ...] | None] = None
+    # A compressing edit (`CodecEdit`): `output.format: delta` stores its parts instead of the tensor.
+    compresses: ClassVar[bool] = False
+    # The run-level phases this edit can ask for before anything is written (see `prepass`).
+    prepasses: ClassVar[tuple[Prepass, ...]] = ()
+
+    def prepass(self) -> Prepass | None:
+        """The run-level phase this configured edit needs before writing (one of `prepasses`), or None."""
+        return None
 
     def applies_to(self, name: str, shape: tuple[int, ...]) -> bool:
         if self.ranks is not None and len(shape) not in self.ranks:
@@ -82,3 +98,46 @@ class EditConfig(BaseModel):
     def recipe_form(self) -> dict:
         """The YAML form `{op: {params}}` of this edit, defaults filled in."""
         return {self.op: self.model_dump(exclude={"op"}, exclude_none=True)}
+
+
+class Codec(Protocol):
+    """What a compressing edit implements: its stored parts, their encoding and decoding.
+
+    `run` is the tensor's run-state entry (`TensorContext.run`); codecs whose layout depends on a
+    pre-run phase (global ternary: the kept count) read it, the others ignore it."""
+
+    op: str
+
+    def part_specs(self, shape: tuple[int, ...], run: object = None) -> dict[str, tuple[str, tuple[int, ...]]]: ...
+
+    def codec_params(self, shape: tuple[int, ...], run: object = None) -> dict: ...
+
+    def encode(self, delta: torch.Tensor, ctx: TensorContext) -> dict[str, torch.Tensor]: ...
+
+    def decode(self, parts: dict[str, torch.Tensor], shape: tuple[int, ...], run: object = None) -> torch.Tensor: ...
+
+
+class CodecEdit(EditConfig):
+    """Base of the compressing edits (the `Codec` protocol): the dense result is decode(encode(δ)),
+    literally, so a dense output equals a reconstruction from the artifact bit for bit."""
+
+    elementwise: ClassVar[bool] = False
+    compresses: ClassVar[bool] = True
+
+    def applies_to(self, name: str, shape: tuple[int, ...]) -> bool:
+        return len(shape) >= 1 and super().applies_to(name, shape)
+
+    def part_specs(self, shape: tuple[int, ...], run: object = None) -> dict[str, tuple[str, tuple[int, ...]]]:
+        raise NotImplementedError
+
+    def codec_params(self, shape: tuple[int, ...], run: object = None) -> dict:
+        raise NotImplementedError
+
+    def encode(self, delta: torch.Tensor, ctx: TensorContext) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def decode(self, parts: dict[str, torch.Tensor], shape: tuple[int, ...], run: object = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def apply(self, delta: torch.Tensor, ctx: TensorContext) -> torch.Tensor:
+        return self.decode(self.encode(delta, ctx), tuple(delta.shape), ctx.run).to(delta.device)

@@ -28,63 +28,20 @@ their fine-tuned values. `include` / `exclude` override this.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field
 
-from weightx.edits.base import EditConfig, TensorContext
-from weightx.packing import pack_bits, packed_len, unpack_bits
+from weightx.edits.base import CodecEdit, Prepass, TensorContext
+from weightx.formats.bitdelta import binarize, debinarize, decode_parts, part_specs
+
+__all__ = ["BitDelta", "Distill", "LINEAR_PROJ", "binarize", "debinarize", "decode_parts"]
 
 PAPER = "https://arxiv.org/abs/2402.10193"
 
 # Linear layers of attention and MLP blocks (Llama, Mistral, Qwen2, Phi-3, ...).
 LINEAR_PROJ = ("*self_attn.*proj*.weight", "*mlp.*proj*.weight")
-
-
-def binarize(
-    delta: torch.Tensor, bits: int = 1, group: str = "tensor", multiplier: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """δ (float32, rank ≥ 1) → (packed sign planes uint8 [bits, *rows, ⌈n/8⌉], scales float32).
-
-    Scales have shape [bits] for `group="tensor"`, [bits, *rows] for `group="row"`.
-    """
-    r = delta.to(torch.float32)
-    planes, scales = [], []
-    for j in range(bits):
-        positive = r >= 0  # sign(0) = +1
-        # mean |r| as an L1 norm: one reduction, no |r| temporary the size of the matrix
-        n = r.shape[-1] if group == "row" else r.numel()
-        a = torch.linalg.vector_norm(r, 1) if group == "tensor" else torch.linalg.vector_norm(r, 1, dim=-1)
-        a = a / n
-        planes.append(pack_bits(positive))
-        scales.append(a)
-        if j + 1 < bits:
-            step = _signed(positive, a if group == "tensor" else a.unsqueeze(-1))
-            r = r - step if j == 0 else r.sub_(step)
-    scale = torch.stack(scales)
-    if multiplier != 1.0:
-        scale = scale * multiplier
-    return torch.stack(planes), scale.to(torch.float32)
-
-
-def _signed(positive: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    # torch.where picks a or -a exactly: no multiply, so the result is the stored scale bit for bit.
-    return torch.where(positive, a, -a)
-
-
-def debinarize(packed: torch.Tensor, scale: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Σ_j scale_j·S_j as float32 of `shape`; planes are added in order j = 0, 1, ... ."""
-    bits = packed.shape[0]
-    row_scales = scale.dim() > 1
-    out = None
-    for j in range(bits):
-        positive = unpack_bits(packed[j], shape[-1]).to(scale.device)
-        a = scale[j].unsqueeze(-1) if row_scales else scale[j]
-        term = _signed(positive, a)
-        out = term if out is None else out.add_(term)
-    return out.reshape(shape)
 
 
 class Distill(BaseModel):
@@ -99,7 +56,7 @@ class Distill(BaseModel):
     max_length: int = Field(128, ge=2)
 
 
-class BitDelta(EditConfig):
+class BitDelta(CodecEdit):
     op: Literal["bitdelta"] = "bitdelta"
     scale_multiplier: float = 1.0
     bits: int = Field(1, ge=1, le=8)
@@ -107,34 +64,23 @@ class BitDelta(EditConfig):
     distill: Distill | None = None
 
     default_include: ClassVar[tuple[str, ...]] = LINEAR_PROJ
-    elementwise: ClassVar[bool] = False
-    compresses: ClassVar[bool] = True
+    prepasses: ClassVar[tuple[Prepass, ...]] = ("distill",)
 
-    # Set by the distillation phase (weightx.distill): learned scales per tensor name, which replace
-    # the initial ones in `encode`; the resolved calibration file; the run's record for weightx.json.
-    _learned: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)
-    _data_path: Path | None = PrivateAttr(default=None)
-    _distill_record: dict | None = PrivateAttr(default=None)
+    def prepass(self) -> Prepass | None:
+        return "distill" if self.distill is not None else None
 
-    def applies_to(self, name: str, shape: tuple[int, ...]) -> bool:
-        return len(shape) >= 1 and super().applies_to(name, shape)
+    def part_specs(self, shape: tuple[int, ...], run: object = None) -> dict[str, tuple[str, tuple[int, ...]]]:
+        return part_specs(shape, self.bits, self.group)
 
-    def part_specs(self, shape: tuple[int, ...], name: str | None = None) -> dict[str, tuple[str, tuple[int, ...]]]:
-        rows = tuple(shape[:-1])
-        return {
-            "packed": ("U8", (self.bits, *rows, packed_len(shape[-1]))),
-            "scale": ("F32", (self.bits,) if self.group == "tensor" else (self.bits, *rows)),
-        }
-
-    def codec_params(self, shape: tuple[int, ...], name: str | None = None) -> dict:
+    def codec_params(self, shape: tuple[int, ...], run: object = None) -> dict:
         return {"codec": "bitdelta", "bits": self.bits, "group": self.group}
 
     def encode(self, delta: torch.Tensor, ctx: TensorContext) -> dict[str, torch.Tensor]:
+        """Sign planes and scales; `ctx.run`, when distillation ran, holds the learned scales."""
         packed, scale = binarize(delta, self.bits, self.group, self.scale_multiplier)
         parts = {"packed": packed, "scale": scale}
-        learned = self._learned.get(ctx.name)
-        if learned is not None:
-            parts["scale"] = learned.to(device=scale.device, dtype=torch.float32).reshape(scale.shape)
+        if isinstance(ctx.run, torch.Tensor):
+            parts["scale"] = ctx.run.to(device=scale.device, dtype=torch.float32).reshape(scale.shape)
         if self.bits == 1 and self.scale_multiplier != 0:
             # Diagnostics for the error statistics, in closed form (no decode): with S = sign(δ),
             # ⟨δ, αS⟩ = α·Σ|δ| and ‖αS‖² = n·α² per group. Keys starting with "_" are never stored.
@@ -145,11 +91,8 @@ class BitDelta(EditConfig):
             parts["_sq"] = (a * a).sum() * count
         return parts
 
-    def decode(self, parts: dict[str, torch.Tensor], shape: tuple[int, ...], name: str | None = None) -> torch.Tensor:
+    def decode(self, parts: dict[str, torch.Tensor], shape: tuple[int, ...], run: object = None) -> torch.Tensor:
         return decode_parts(parts, shape)
-
-    def apply(self, delta: torch.Tensor, ctx: TensorContext) -> torch.Tensor:
-        return self.decode(self.encode(delta, ctx), tuple(delta.shape)).to(delta.device)
 
     def describe(self) -> str:
         extra = []
@@ -162,8 +105,3 @@ class BitDelta(EditConfig):
         if self.distill is not None:
             extra.append(f"scales distilled {self.distill.steps} steps")
         return "BitDelta 1-bit delta" + (f" ({', '.join(extra)})" if extra else "")
-
-
-def decode_parts(parts: dict[str, torch.Tensor], shape: tuple[int, ...], **_: object) -> torch.Tensor:
-    """Stored parts → dense float32 delta (used by the edit and by the artifact reader)."""
-    return debinarize(parts["packed"], parts["scale"].to(torch.float32), tuple(shape))

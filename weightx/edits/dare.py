@@ -16,7 +16,7 @@ gathers them in a pre-pass over blocks (`prepare`) from L1 sums of 32K-element c
 order, the same float64 sum as over the whole tensor when blocks are multiples of 32K.
 
 Randomness: entry i of tensor `name` is dropped when u(seed, name, i) < p, with u from the
-counter-based hash in `weightx.rng`; the mask is the same whatever the block size, tensor order,
+counter-based hash in `weightx.kernels.rng`; the mask is the same whatever the block size, tensor order,
 shard layout, process count or device. It does not reproduce MergeLM's or mergekit's masks
 (theirs come from torch's global generator). The `l1` norms are float64 sums: identical across
 runs, layouts and thread counts here, but their summation order differs between CPU and CUDA, which
@@ -33,9 +33,9 @@ import torch
 from pydantic import field_validator
 from pydantic_core import PydanticCustomError
 
-from weightx import rng
+from weightx.kernels import rng
 from weightx.edits.base import EditConfig, TensorContext
-from weightx.topk import each_block
+from weightx.kernels.topk import each_block
 
 PAPER = "https://arxiv.org/abs/2311.03099"
 UNIFIED_VIEW = "https://arxiv.org/abs/2410.13841"

@@ -3,7 +3,7 @@
 The trim step of TIES (Yadav et al., arXiv 2306.01708) as a standalone edit, and, with
 `rescale: inverse_keep`, MergeLM's magnitude ablation of DARE ("MP", mask_strategy=magnitude:
 drop the p = 1 − density smallest and rescale survivors by 1/(1 − p)). Count and tie-breaking are
-those of `weightx.topk`: ⌊density·n⌋ (at least 1) entries, ties at the threshold broken by lowest
+those of `weightx.kernels.topk`: ⌊density·n⌋ (at least 1) entries, ties at the threshold broken by lowest
 flat index. MergeLM instead drops every entry ≤ the threshold, so with ties it drops more; and it
 crashes when ⌊p·n⌋ = 0.
 
@@ -11,7 +11,7 @@ crashes when ⌊p·n⌋ = 0.
 `magnitude` sparsification with `rescale: true`).
 
 The engine streams it: `prepare` finds the threshold (and the L1 factor) over blocks, then each
-block is trimmed on its own (`weightx.topk.trim_block_`), bit for bit as on the whole tensor.
+block is trimmed on its own (`weightx.kernels.topk.trim_block_`), bit for bit as on the whole tensor.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pydantic_core import PydanticCustomError
 
 from weightx.edits.base import EditConfig, TensorContext
 from weightx.edits.dare import l1_chunks, l1_factor, l1_norm
-from weightx.topk import Blocks, Selection, each_block, keep_count, select_blocks, trim_, trim_block_
+from weightx.kernels.topk import Blocks, Selection, each_block, keep_count, select_blocks, trim_, trim_block_
 
 PAPER = "https://arxiv.org/abs/2306.01708"
 

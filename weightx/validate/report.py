@@ -19,26 +19,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from weightx.errors import InputError, UsageError, WeightxError
-from weightx.validate.gates import GateResult, check, parse_gate
+from weightx.errors import GateFailed, InputError, UsageError
+from weightx.recipe.gates import GateResult, check, parse_gate
 from weightx.validate.runner import EvalSettings
 
 if TYPE_CHECKING:
-    from weightx.plan import Plan
+    from weightx.pipeline.plan import Plan
     from weightx.validate.sweep import SweepOutcome
     from weightx.validate.tasks import LoadedTasks
 
 
-class GateFailed(WeightxError):
-    """A `require` gate did not hold; the output is kept, marked `validation.passed: false`."""
-
-    exit_code = 1
-
-    def __init__(self, validation: "Validation", path: Path | None = None):
-        self.validation = validation
-        failed = "; ".join(g.message(validation.output_label) for g in validation.gates if not g.passed)
-        where = f"; {path} is kept but marked validation.passed=false in weightx.json, so it will not be pushed" if path else ""
-        super().__init__(f"validation failed: {failed}{where}")
+def gate_failed(validation: "Validation", path: Path | None = None) -> GateFailed:
+    """The error for a failed `require` gate: the output is kept, marked `validation.passed: false`."""
+    failed = "; ".join(g.message(validation.output_label) for g in validation.gates if not g.passed)
+    where = f"; {path} is kept but marked validation.passed=false in weightx.json, so it will not be pushed" if path else ""
+    err = GateFailed(f"validation failed: {failed}{where}")
+    err.validation = validation  # type: ignore[attr-defined]
+    return err
 
 
 @dataclass
@@ -127,7 +124,7 @@ def evaluate_models(
 
 def compare_paths(aliases: list[str], recipe: Any, recipe_dir: Path | None) -> dict[str, Path]:
     """The folders of the compared inputs (resolved like any model source)."""
-    from weightx.sources import resolve
+    from weightx.io.sources import resolve
 
     out = {}
     for alias in aliases:
@@ -153,7 +150,7 @@ def write_record(folder: Path, validation: Validation, sweep: "SweepOutcome | No
         os.fsync(f.fileno())
     os.replace(tmp, path)
     try:
-        from weightx.card import refresh_card
+        from weightx.pipeline.card import refresh_card
 
         refresh_card(folder)
     except (ImportError, OSError, ValueError):  # the card is a convenience; weightx.json is the record
@@ -219,7 +216,7 @@ def run_recipe_sweep(
 
 
 def _model_dir(spec: str, what: str) -> Path:
-    from weightx.sources import resolve
+    from weightx.io.sources import resolve
 
     src = resolve(what, spec)
     if src.kind == "file" or not src.has_config:

@@ -39,7 +39,7 @@ def settings_for(spec: Any, device: str | None = None) -> EvalSettings:
 
 
 def torch_device(settings: EvalSettings) -> Any:
-    from weightx.engine import pick_device
+    from weightx.pipeline.engine import pick_device
 
     return pick_device(settings.device or "auto")
 

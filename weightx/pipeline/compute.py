@@ -1,4 +1,4 @@
-"""The streaming engine: θ_out = base + combine_i(w_i · edits_i(θ_i − base)), tensor by tensor.
+"""Computing one planned tensor: θ_out = base + combine_i(w_i · edits_i(θ_i − base)).
 
 Inputs are mmap'd views; each output tensor is computed in float32 (in blocks when every step is
 elementwise), rounded once to the output dtype, and handed to a writer thread that streams it into
@@ -11,9 +11,8 @@ whole-tensor edits (bitdelta, ternary), a few copies of the largest tensor, what
 
 from __future__ import annotations
 
-import contextlib
-import queue
 import threading
+import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,10 +22,11 @@ from typing import Callable, Iterator
 import torch
 
 from weightx.edits.base import TensorContext
-from weightx.plan import Plan, TensorPlan
-from weightx.safetensors_io import DTYPES, MappedFile, ShardWriter
-from weightx.sources import Source
-from weightx.verify import nonfinite_block
+from weightx.errors import InputError, UsageError
+from weightx.io.safetensors import DTYPES, MappedFile
+from weightx.io.sources import Source
+from weightx.pipeline.plan import Plan, TensorPlan
+from weightx.pipeline.state import RunState
 
 BLOCK_ELEMENTS = 1 << 20
 # A streamed tensor whose float32 deltas fit in this many bytes is decoded once and kept for its
@@ -41,8 +41,6 @@ def pick_device(device: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        from weightx.errors import UsageError
-
         raise UsageError(f"--device {device}: CUDA is not available here; use --device cpu or auto")
     return dev
 
@@ -78,6 +76,23 @@ class Inputs:
         self._maps.clear()
 
 
+_COUNT_LOCK = threading.Lock()  # blocks of one tensor may be computed on several threads
+
+
+class NonFiniteWarning(UserWarning):
+    """A NaN/Inf was written because the recipe says `output.on_nonfinite: warn`."""
+
+
+def _first_bad(x: torch.Tensor) -> tuple[int, int, float] | None:
+    """(count, first flat index, first value) of the non-finite entries of x, or None."""
+    bad = ~torch.isfinite(x.reshape(-1))
+    n = int(bad.sum())
+    if not n:
+        return None
+    i = int(torch.nonzero(bad)[0])
+    return n, i, float(x.reshape(-1)[i])
+
+
 def _sq(x: torch.Tensor) -> float:
     flat = x.reshape(-1)
     return float(torch.dot(flat, flat)) if flat.numel() else 0.0
@@ -87,8 +102,9 @@ class TensorComputer:
     """Computes one planned tensor as a sequence of output blocks (flat, in the output dtype)."""
 
     def __init__(self, plan: Plan, inputs: Inputs, device: torch.device, block: int = BLOCK_ELEMENTS,
-                 pool: ThreadPoolExecutor | None = None, workers: int = 1):
+                 pool: ThreadPoolExecutor | None = None, workers: int = 1, run: RunState | None = None):
         self.plan = plan
+        self.run = run if run is not None else RunState()  # what the run's pre-passes learned
         self.pool = pool  # the engine's block pool: pre-passes run their blocks on it
         self.workers = workers
         # Per cached streamed tensor (see PASS_CACHE_BYTES): block start → [θ_i − base].
@@ -105,9 +121,9 @@ class TensorComputer:
         self._states: dict[str, dict] = {}
         self._state_lock = threading.Lock()
 
-    def _load(self, src: Source, t: TensorPlan, start: int, count: int,
+    def load(self, src: Source, t: TensorPlan, start: int, count: int,
               out: torch.Tensor | None = None) -> torch.Tensor:
-        """Block [start, start+count) of an input as float32: a fresh tensor, or `out` filled."""
+        """Block [start, start+count) of input `src` as float32: a fresh tensor, or `out` filled."""
         mf, info = self.inputs.get(src, t.name)
         x = mf.view(info, start, count)
         if self.device.type != "cpu":
@@ -117,7 +133,7 @@ class TensorComputer:
         # copy=True: a float32 input must never be modified in place through its mapping.
         return x.to(torch.float32, copy=True)
 
-    def _delta(self, src: Source, t: TensorPlan, start: int, count: int, base: torch.Tensor | None, copy: bool = True,
+    def delta(self, src: Source, t: TensorPlan, start: int, count: int, base: torch.Tensor | None, copy: bool = True,
                out: torch.Tensor | None = None) -> torch.Tensor:
         """θ_i − base. A delta artifact hands over its decoded delta directly: no (base + δ̂) − base round trip."""
         cached = self._cache.get(t.name)
@@ -128,8 +144,8 @@ class TensorComputer:
             d = src.artifact.decoded(t.name, start, count, self.device)
             return d if out is None else out.copy_(d)
         if base is None:
-            base = self._load(self.plan.base, t, start, count)
-        return self._load(src, t, start, count, out=out).sub_(base)
+            base = self.load(self.plan.base, t, start, count)
+        return self.load(src, t, start, count, out=out).sub_(base)
 
     def prefetch(self, t: TensorPlan) -> None:
         srcs = [self.plan.config_source] if not t.edit else [self.plan.base] + [s for _, s in self.plan.deltas]
@@ -143,7 +159,7 @@ class TensorComputer:
         """Not elementwise, but every such step gathers its statistics in a pre-pass over blocks
         (`prepare`) and then runs per block."""
         steps = [e for es in t.edits for e in es] + [self.plan.recipe.combine]
-        return t.edit and not t.elementwise and all(s.elementwise or getattr(s, "streams", False) for s in steps)
+        return t.edit and not t.elementwise and all(s.elementwise or s.streams for s in steps)
 
     def ranges(self, t: TensorPlan) -> list[tuple[int, int]]:
         """(start, count) of each block: whole tensors unless every step is elementwise or streams."""
@@ -154,10 +170,107 @@ class TensorComputer:
     def _edited(self, t: TensorPlan, states: dict, start: int, count: int, base: torch.Tensor | None, i: int, upto: int,
                 copy: bool = True) -> torch.Tensor:
         """Delta i of a block, after its first `upto` edits (`copy=False`: the caller only reads it)."""
-        d = self._delta(self.plan.deltas[i][1], t, start, count, base, copy=copy or upto > 0)
+        d = self.delta(self.plan.deltas[i][1], t, start, count, base, copy=copy or upto > 0)
         for j, edit in enumerate(t.edits[i][:upto]):
-            d = edit.apply(d, TensorContext(t.name, t.shape, start, states.get((i, j))))
+            d = edit.apply(d, self.context(t, i, j, start, states.get((i, j))))
         return d
+
+    def context(self, t: TensorPlan, i: int, j: int, start: int = 0, state: object = None) -> TensorContext:
+        """What edit j of delta i sees for tensor t: where the block sits, its pre-pass state and
+        its entry in the run state (learned scales, a global selection)."""
+        return TensorContext(t.name, t.shape, start, state, self.run.entry(t.edits[i][j], t.name))
+
+    def edited_delta(self, t: TensorPlan, i: int, upto: int | None = None) -> torch.Tensor:
+        """The whole tensor's delta i (θ_i − base) after its first `upto` edits (default: all), float32
+        in the tensor's shape on the computer's device. The one way the pre-run phases (distillation,
+        global statistics), the compressed writer and the checks get an edited delta."""
+        n = t.numel
+        base = self.load(self.plan.base, t, 0, n)
+        d = self.delta(self.plan.deltas[i][1], t, 0, n, base).view(t.shape)
+        del base
+        for j, edit in enumerate(t.edits[i] if upto is None else t.edits[i][:upto]):
+            d = edit.apply(d, self.context(t, i, j))
+        return d
+
+    def encoded_parts(self, t: TensorPlan, stats: TensorStats | None) -> Iterator[torch.Tensor]:
+        """`format: delta`: the stored parts of one compressed tensor, in `t.parts` order, on the CPU.
+
+        The codec is the last edit of the recipe's only delta; the stats get the norms and the
+        codec's relative error (from its closed-form diagnostics when it gives them)."""
+        (spec, _), = self.plan.deltas
+        last = len(t.edits[0]) - 1
+        raw = self.delta(self.plan.deltas[0][1], t, 0, t.numel, self.load(self.plan.base, t, 0, t.numel)).view(t.shape)
+        before = float(torch.linalg.vector_norm(raw)) if stats is not None else 0.0
+        d = raw
+        for j, edit in enumerate(t.edits[0][:last]):
+            d = edit.apply(d, self.context(t, 0, j))
+        del raw
+        ctx = self.context(t, 0, last)
+        parts = t.codec.encode(d, ctx)
+        if stats is not None:
+            target = float(torch.linalg.vector_norm(d))
+            if "_dot" in parts and "_sq" in parts:  # the codec's closed form: no decode needed
+                dot, sq = float(parts["_dot"]), float(parts["_sq"])
+            else:
+                approx = t.codec.decode(parts, t.shape, ctx.run).to(d.device)
+                dot, sq = float(torch.dot(approx.reshape(-1), d.reshape(-1))), float(torch.dot(approx.reshape(-1), approx.reshape(-1)))
+                del approx
+            err = max(target * target - 2 * dot + sq, 0.0) ** 0.5
+            stats.delta_norm = {spec.model: before}
+            stats.edited_norm = {spec.model: target}
+            stats.combined_norm = sq ** 0.5
+            info: dict = {"relative_error": err / target if target else 0.0}
+            scale = parts["scale"]
+            if scale.numel() <= 16:
+                info["scale"] = [float(x) for x in scale.reshape(-1)]
+            stats.extra.update(info)
+        del d
+        for out in t.parts:
+            x = parts[out.name.rsplit(".", 1)[1]]
+            if x.dtype != DTYPES[out.dtype] or tuple(x.shape) != tuple(out.shape):
+                raise RuntimeError(f"{t.codec.op} produced {out.name} as {x.dtype}{list(x.shape)}, planned {out.dtype}{list(out.shape)}")
+            yield x.contiguous().cpu()
+
+    def nonfinite(self, t: TensorPlan, start: int, count: int, out: torch.Tensor, stats: TensorStats | None) -> None:
+        """Called when a computed block's sum is not finite: confirm, find the culprit, warn or raise.
+
+        Only then are the block's inputs re-read, to name the one holding the NaN/Inf; a non-finite
+        input an edit discards (DARE drops it, TIES trims it) never reaches the output and is not
+        reported. NaN·0 is NaN, so a zero weight does not hide one."""
+        found = _first_bad(out)
+        if found is None:
+            return  # a finite block whose sum overflowed
+        n, i, value = found
+        plan = self.plan
+        culprits = []
+        for alias, src in [(plan.recipe.base, plan.base)] + [(d.model, s) for d, s in plan.deltas]:
+            if src.artifact is not None and src.artifact.is_compressed(t.name):
+                continue
+            bad = _first_bad(self.load(src, t, start, count))
+            if bad is not None:
+                culprits.append((alias, src.path_of(src.weight_map[t.name]), bad))
+        if culprits:
+            alias, path, (m, j, v) = culprits[0]
+            what = f"{path}: tensor {t.name!r} of '{alias}' holds {v} at index {start + j}"
+            if m > 1:
+                what += f" ({m} NaN/Inf values in elements {start}..{start + count - 1})"
+            if len(culprits) > 1:
+                what += f", and so does '{culprits[1][0]}'"
+        else:
+            what = (f"output tensor {t.name!r} becomes {value} at index {start + i} although its inputs are finite: the"
+                    f" recipe's weights or edit parameters overflow {str(out.dtype).removeprefix('torch.')}")
+        if plan.recipe.output.on_nonfinite == "warn":
+            first = True
+            if stats is not None:
+                with _COUNT_LOCK:
+                    first = "nonfinite" not in stats.extra
+                    stats.extra["nonfinite"] = stats.extra.get("nonfinite", 0) + n
+            if first:  # one line per tensor; the total goes to weightx.json
+                warnings.warn(f"{what}; written anyway (output.on_nonfinite: warn)", NonFiniteWarning, stacklevel=2)
+            return
+        fix = "re-download or repair that checkpoint" if culprits else "lower them"
+        err = InputError if culprits else UsageError
+        raise err(f"{what}; {fix}, or set output.on_nonfinite: warn to write NaN/Inf values anyway")
 
     def prepare(self, t: TensorPlan) -> dict:
         """Run the pre-passes of a streamed tensor's non-elementwise steps, in pipeline order: each
@@ -183,7 +296,7 @@ class TensorComputer:
 
                 def every(start: int, count: int, readonly: bool) -> list[torch.Tensor]:
                     cached = t.name in self._cache  # else one base conversion serves every delta
-                    base = None if cached else self._load(self.plan.base, t, start, count)
+                    base = None if cached else self.load(self.plan.base, t, start, count)
                     n = len(self.plan.deltas)
                     return [self._edited(t, states, start, count, base, i, len(t.edits[i]), copy=not readonly).contiguous()
                             for i in range(n)]
@@ -208,8 +321,8 @@ class TensorComputer:
         regions = [self._arena[j * n:(j + 1) * n] for j in range(m)]
 
         def decode(start: int, count: int, readonly: bool = True) -> list[torch.Tensor]:
-            base = self._load(self.plan.base, t, start, count)
-            return [self._delta(src, t, start, count, base, out=regions[i][start:start + count])
+            base = self.load(self.plan.base, t, start, count)
+            return [self.delta(src, t, start, count, base, out=regions[i][start:start + count])
                     for i, (_, src) in enumerate(self.plan.deltas)]
 
         src = _BlockSource(decode, self.ranges(t), self.pool, self.workers)
@@ -224,16 +337,16 @@ class TensorComputer:
         streamed = self.streams(t)
         states = self.prepare(t) if streamed else {}
         part = Partial(len(self.aliases)) if stats is not None else None
-        base = self._load(self.plan.base, t, start, count)
+        base = self.load(self.plan.base, t, start, count)
         deltas = []
         for i, (_, src) in enumerate(self.plan.deltas):
-            d = self._delta(src, t, start, count, base)
+            d = self.delta(src, t, start, count, base)
             if not t.elementwise and not streamed:
                 d = d.view(t.shape)
             if part is not None:
                 part.before[i] = _sq(d)
             for j, edit in enumerate(t.edits[i]):
-                d = edit.apply(d, TensorContext(t.name, t.shape, start, states.get((i, j))) if streamed else ctx)
+                d = edit.apply(d, self.context(t, i, j, start, states.get((i, j)) if streamed else None))
             if part is not None:
                 part.after[i] = _sq(d)
             deltas.append(d)
@@ -246,9 +359,9 @@ class TensorComputer:
         out_dtype = DTYPES[t.out_dtype]
         out = x.to(out_dtype)
         # NaN/Inf check at one reduction per block (a sum is ~30x cheaper than isfinite().all() on
-        # CPU); fp16 is summed after rounding, which can overflow it. See weightx.verify.
+        # CPU); fp16 is summed after rounding, which can overflow it. See weightx.io.verify.
         if not torch.isfinite((out if out_dtype == torch.float16 else x).sum(dtype=torch.float32)):
-            nonfinite_block(self, t, start, count, out, stats)
+            self.nonfinite(t, start, count, out, stats)
         return (out if out.device.type == "cpu" else out.cpu()), part
 
     def finish(self, stats: TensorStats | None, parts: list[Partial | None]) -> None:
@@ -284,7 +397,7 @@ class TensorComputer:
 
 
 class _BlockSource:
-    """The blocks of one streamed tensor, for a pre-pass (`weightx.topk.each_block`): `make(start,
+    """The blocks of one streamed tensor, for a pre-pass (`weightx.kernels.topk.each_block`): `make(start,
     count, readonly)` computes a block's tensors (`readonly`: they may be shared, cached ones).
     Called, it yields them in turn on this thread; `imap(fn)` computes each block and applies fn
     on the engine's pool, yielding the results in block order with at most 2 × workers blocks in
@@ -329,184 +442,3 @@ class Partial:
         self.after = [0.0] * self.n
 
 
-@contextlib.contextmanager
-def _intra_op(threads: int, active: bool) -> Iterator[None]:
-    """Give a whole-tensor step torch's intra-op threads while the block pool is idle."""
-    if active:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        if active:
-            torch.set_num_threads(1)
-
-
-class _Writer(threading.Thread):
-    """Drains (writer, tensor) items so disk writes overlap the next block's compute. The sha256 of
-    each shard runs on a second thread in write order: hashing (1.8 GB/s) costs about as much as
-    the compute, so the thread that waits on the disk should not also do it."""
-
-    def __init__(self, on_bytes: Callable[[int], None], on_shard: Callable[[ShardWriter], None] | None = None):
-        super().__init__(name="weightx-writer", daemon=True)
-        self.q: queue.Queue = queue.Queue(maxsize=8)
-        self.hq: queue.Queue = queue.Queue(maxsize=16)
-        self.error: BaseException | None = None
-        self.on_bytes = on_bytes
-        self.on_shard = on_shard
-        self._hasher = threading.Thread(target=self._hash, name="weightx-hash-out", daemon=True)
-
-    def start(self) -> None:
-        self._hasher.start()
-        super().start()
-
-    def join(self, timeout: float | None = None) -> None:
-        super().join(timeout)
-        self._hasher.join(timeout)
-
-    def run(self) -> None:
-        try:
-            while True:
-                item = self.q.get()
-                if item is None:
-                    return
-                if self.error is not None:
-                    continue  # keep draining so the producer never blocks forever
-                writer, data = item
-                try:
-                    if data is None:
-                        writer.close()
-                        self.hq.put((writer, None))  # complete and fsynced: the hasher finishes it
-                    else:
-                        raw = writer.raw(data)
-                        writer.write_raw(raw)
-                        self.hq.put((writer, raw))
-                        self.on_bytes(raw.nbytes)
-                except BaseException as e:
-                    self.error = e
-        finally:
-            self.hq.put(None)
-
-    def _hash(self) -> None:
-        while True:
-            item = self.hq.get()
-            if item is None:
-                return
-            if self.error is not None:
-                continue
-            writer, raw = item
-            try:
-                if raw is not None:
-                    writer.hash_raw(raw)
-                else:
-                    writer.finish_hash()
-                    if self.on_shard is not None:  # writer.sha256 is set
-                        self.on_shard(writer)
-            except BaseException as e:
-                self.error = e
-
-    def put(self, writer: ShardWriter, data: torch.Tensor | None) -> None:
-        if self.error is not None:
-            raise self.error
-        self.q.put((writer, data))
-
-
-def write_shards(
-    plan: Plan,
-    folder: Path,
-    device: torch.device,
-    progress: Callable[[int], None] = lambda n: None,
-    block: int = BLOCK_ELEMENTS,
-    shards: list | None = None,
-    on_shard: Callable[[ShardWriter, dict[str, TensorStats]], None] | None = None,
-    workers: int | None = None,
-) -> dict[str, TensorStats]:
-    """Compute the planned tensors (of `shards`, default all) into `folder`; return per-tensor stats.
-
-    `on_shard(writer, stats)` runs on the output hashing thread once a shard is complete and fsynced (for
-    its hash and the resume record); the stats of that shard's tensors are final by then."""
-    inputs = Inputs()
-    stats: dict[str, TensorStats] = {}
-    writer = _Writer(progress, (lambda sw: on_shard(sw, stats)) if on_shard is not None else None)
-    writer.start()
-    open_writers: list[ShardWriter] = []
-    shards = plan.shards if shards is None else shards
-    order = [t for s in shards for t in s.tensors]
-    # Elementwise tensors are cut into blocks that `workers` threads compute side by side with
-    # one intra-op thread each: coarse parallelism, immune to OpenMP's per-op fork/join cost on
-    # small blocks. Whole-tensor steps (top-k, compression) keep torch's intra-op threads instead.
-    threads = torch.get_num_threads()
-    workers = threads if (device.type == "cpu" and threads > 1 and workers is None) else (workers or 1)
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="weightx-compute") if workers > 1 else None
-    computer = TensorComputer(plan, inputs, device, block, pool, workers)
-    pending: deque = deque()  # (shard writer, tensor, stats, parts, future or value, last block?)
-
-    def drain(keep: int) -> None:
-        while len(pending) > keep:
-            sw, t, st, parts, fut, last = pending.popleft()
-            out, part = fut.result() if isinstance(fut, Future) else fut
-            parts.append(part)
-            writer.put(sw, out)
-            if last:
-                computer.finish(st, parts)
-                computer.release(t)
-
-    nxt = 1
-    try:
-        if pool is not None:
-            torch.set_num_threads(1)
-        for shard in shards:
-            sw = ShardWriter(folder / shard.filename, [o for t in shard.tensors for o in t.outs], hash_on_close=False)
-            open_writers.append(sw)
-            for t in shard.tensors:
-                if nxt < len(order):
-                    computer.prefetch(order[nxt])
-                nxt += 1
-                st = stats[t.name] = TensorStats() if t.edit else None
-                if t.codec is not None:  # format: delta, a compressed tensor: write its parts
-                    from weightx.delta_artifact import compressed_parts
-
-                    drain(0)
-                    with _intra_op(threads, pool is not None):
-                        for out in compressed_parts(computer, t, st):
-                            writer.put(sw, out)
-                    continue
-                ranges = computer.ranges(t)
-                parts: list = []
-                if t.edit and computer.streams(t):
-                    # The pre-passes run their blocks on the pool (one intra-op thread each).
-                    drain(0)
-                    computer.prepare(t)
-                if pool is None or (t.edit and not t.elementwise and not computer.streams(t)):
-                    drain(0)
-                    with _intra_op(threads, pool is not None):
-                        for i, (start, count) in enumerate(ranges):
-                            pending.append((sw, t, st, parts, computer.compute(t, start, count, st), i == len(ranges) - 1))
-                            drain(0)
-                    continue
-                for i, (start, count) in enumerate(ranges):
-                    fut = pool.submit(computer.compute, t, start, count, st) if t.edit else computer.compute(t, start, count, st)
-                    pending.append((sw, t, st, parts, fut, i == len(ranges) - 1))
-                    drain(2 * workers)
-            drain(0)
-            writer.put(sw, None)
-        writer.q.put(None)
-        writer.join()
-        if writer.error is not None:
-            raise writer.error
-    except BaseException:
-        for item in pending:
-            if isinstance(item[4], Future):
-                item[4].cancel()
-        if writer.is_alive():
-            writer.error = writer.error or RuntimeError("aborted")
-            writer.q.put(None)
-            writer.join()
-        for sw in open_writers:
-            sw.abort()
-        raise
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-            torch.set_num_threads(threads)
-        inputs.close()
-    return {k: v for k, v in stats.items() if v is not None}

@@ -19,9 +19,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from weightx.lock import output_lock
-from weightx.output import RESUME_PREFIX, make_temp, stale_temps, write_failed
-from weightx.provenance import sha256_file
+from weightx.io.lock import output_lock
+from weightx.io.output import RESUME_PREFIX, make_temp, stale_temps, write_failed
+from weightx.io.provenance import sha256_file
 
 
 def fingerprint(plan: Any, device_type: str) -> str:
@@ -85,7 +85,7 @@ class ResumeLog:
 
     def stats(self, names: set[str]) -> dict:
         """TensorStats of the tensors in the adopted shards named, as their first run computed them."""
-        from weightx.engine import TensorStats
+        from weightx.pipeline.engine import TensorStats
 
         keys = ("delta_norm", "edited_norm", "combined_norm")
         out = {}

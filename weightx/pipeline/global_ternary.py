@@ -18,52 +18,32 @@ writer lays out shards. k = ⌊density·N⌋ over all N selected entries; exact 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import torch
 
-from weightx.edits.base import TensorContext
-from weightx.edits.ternary import ABS_BITS, Ternary
-from weightx.topk import keep_count
-
-if TYPE_CHECKING:
-    from weightx.plan import Plan, TensorPlan
+from weightx.edits.ternary import ABS_BITS, GlobalSelection, Ternary
+from weightx.kernels.topk import keep_count
+from weightx.pipeline.compression import with_parts
+from weightx.pipeline.compute import Inputs, TensorComputer
+from weightx.pipeline.plan import Plan, TensorPlan
+from weightx.pipeline.state import RunState
 
 HIGH = 1 << 15
 LOW = 1 << 16
 
 
 def global_edits(plan: Plan) -> list[tuple[int, Ternary]]:
-    return [(i, e) for i, d in enumerate(plan.recipe.deltas) for e in d.edits
-            if isinstance(e, Ternary) and e.scope == "global"]
-
-
-def plan_problems(recipe, tensors: list[TensorPlan]) -> list[str]:
-    problems = []
-    for i, d in enumerate(recipe.deltas):
-        for e in d.edits:
-            if isinstance(e, Ternary) and e.scope == "global":
-                bad = [t.name for t in tensors if t.edit and any(x is e for x in t.edits[i]) and t.edits[i][-1] is not e]
-                if bad:
-                    problems.append(f"ternary with scope: global must be the last edit applied to a tensor, but not for {bad[0]}")
-    return problems
+    return [(i, e) for i, d in enumerate(plan.recipe.deltas) for e in d.edits if e.prepass() == "global_statistics"]
 
 
 def _deltas(plan: Plan, i: int, tensors: list[TensorPlan], device: torch.device) -> Iterator[tuple[TensorPlan, torch.Tensor]]:
     """Each tensor's delta after the edits before the ternary one, flat float32 on `device`."""
-    from weightx.engine import Inputs, TensorComputer
-
     inputs = Inputs()
     comp = TensorComputer(plan, inputs, device)
-    src = plan.deltas[i][1]
     try:
         for t in tensors:
-            n, ctx = t.numel, TensorContext(t.name, t.shape, 0)
-            base = comp._load(plan.base, t, 0, n)
-            d = comp._delta(src, t, 0, n, base).view(t.shape)
-            del base
-            for e in t.edits[i][:-1]:
-                d = e.apply(d, ctx)
+            d = comp.edited_delta(t, i, len(t.edits[i]) - 1)
             yield t, d.reshape(-1).to(torch.float32).contiguous()
     finally:
         inputs.close()
@@ -80,8 +60,8 @@ def _value(bits: int) -> float:
     return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32)[0])
 
 
-def statistics(plan: Plan, i: int, edit: Ternary, device: torch.device) -> dict:
-    """Run both passes for one global ternary edit; install the per-tensor selection and the scale."""
+def statistics(plan: Plan, i: int, edit: Ternary, device: torch.device, state: RunState) -> dict:
+    """Run both passes for one global ternary edit; put the per-tensor selection and scale in `state`."""
     t0 = time.perf_counter()
     tensors = [t for t in plan.tensors if t.edit and t.edits[i] and t.edits[i][-1] is edit]
     high = torch.zeros(HIGH, dtype=torch.int64, device=device)
@@ -118,14 +98,14 @@ def statistics(plan: Plan, i: int, edit: Ternary, device: torch.device) -> dict:
     v = (b << 16) | lo_v
     ties_left = (k - above - above_lo) if v > 0 else 0
 
-    selection: dict[str, tuple[int, int, int]] = {}
+    found: dict[str, tuple[int, int, int]] = {}
     kept_sum, kept = 0.0, 0
     for t, n_over, s_over, lo, cnt in per:
         greater = n_over + int(cnt[lo > lo_v].sum())
         equal = int(cnt[lo == lo_v].sum())
         ties = min(equal, ties_left) if v > 0 else 0
         ties_left -= ties
-        selection[t.name] = (v, ties, greater + ties)
+        found[t.name] = (v, ties, greater + ties)
         kept += greater + ties
         if edit.scale == "mean_abs_kept":
             inside = [(int(x), int(c)) for x, c in zip(lo.tolist(), cnt.tolist()) if x > lo_v]
@@ -134,31 +114,27 @@ def statistics(plan: Plan, i: int, edit: Ternary, device: torch.device) -> dict:
         s = (m2 / (count - 1)) ** 0.5 if count > 1 else 0.0
     else:
         s = kept_sum / kept if kept else 0.0
-    edit._global = selection
-    edit._global_scale = edit.alpha * s
-    edit._global_record = {
+    scale = edit.alpha * s
+    record = {
         "edit": "ternary", "scope": "global", "density": edit.density, "scale": edit.scale,
         "tensors": len(tensors), "parameters": count, "kept": kept,
         "threshold": _value(v), "scale_value": float(torch.tensor(edit.alpha * s, dtype=torch.float32)),
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    return edit._global_record
+    state.learn(edit, {name: GlobalSelection(*sel, scale) for name, sel in found.items()}, "ternary_global", record)
+    return record
 
 
-def prepare(plan: Plan, device: torch.device) -> None:
-    """Before any writing: compute every global ternary edit's selection, then fix the planned part
-    sizes (which depended on it) and the shard layout."""
+def prepare(plan: Plan, device: torch.device, state: RunState) -> Plan:
+    """Before any writing: compute every global ternary edit's selection into `state`; return the
+    plan whose part sizes (which depended on it) and shard layout follow from it."""
     edits = global_edits(plan)
     if not edits:
-        return
+        return plan
     for i, edit in edits:
-        statistics(plan, i, edit, device)
-    if plan.recipe.output.format == "delta":
-        from weightx.plan import split_shards
-        from weightx.safetensors_io import OutTensor
-
-        for t in plan.tensors:
-            if t.codec is not None and isinstance(t.codec, Ternary) and t.codec.scope == "global":
-                specs = t.codec.part_specs(t.shape, t.name)
-                t.parts = [OutTensor(f"{t.name}.{sfx}", dt, shape) for sfx, (dt, shape) in specs.items()]
-        plan.shards = split_shards(plan.tensors, plan.recipe.output.shard_bytes)
+        statistics(plan, i, edit, device, state)
+    if plan.recipe.output.format != "delta":
+        return plan
+    return plan.with_tensors([
+        with_parts(t, t.codec, state.entry(t.codec, t.name)) if t.codec is not None and t.codec.prepass() == "global_statistics" else t
+        for t in plan.tensors])

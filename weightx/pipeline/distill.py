@@ -30,16 +30,17 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from weightx.edits.base import TensorContext
-from weightx.edits.bitdelta import binarize, debinarize
+from weightx.edits.bitdelta import BitDelta
 from weightx.errors import InputError
-from weightx.packing import unpack_bits
+from weightx.formats.bitdelta import binarize, debinarize
+from weightx.formats.packing import unpack_bits
+from weightx.io.sources import Source
+from weightx.pipeline.compute import Inputs, TensorComputer
+from weightx.pipeline.plan import Plan
+from weightx.pipeline.state import RunState
 
 if TYPE_CHECKING:
-    from weightx.edits.bitdelta import BitDelta
-    from weightx.plan import Plan, TensorPlan
-    from weightx.recipe import Recipe
-    from weightx.sources import Source
+    from weightx.recipe.model import Recipe
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
@@ -47,10 +48,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer
 # ---------------------------------------------------------------------------------- planning
 
 
-def plan_distill(recipe: Recipe, sources: dict[str, Source], tensors: list[TensorPlan],
-                 edits: list[BitDelta], recipe_dir: Path | None) -> list[str]:
-    """Cheap checks before anything runs; resolves each edit's calibration file."""
+def plan_distill(recipe: Recipe, sources: dict[str, Source], edits: list[BitDelta],
+                 recipe_dir: Path | None) -> tuple[list[str], Path | None]:
+    """Cheap checks before anything runs; returns the problems and the resolved calibration file."""
     problems = []
+    data_path = None
     if len(recipe.deltas) != 1:
         problems.append("bitdelta distill matches one fine-tuned model's logits; the recipe has"
                         f" {len(recipe.deltas)} deltas (compress each model in its own recipe)")
@@ -71,12 +73,8 @@ def plan_distill(recipe: Recipe, sources: dict[str, Source], tensors: list[Tenso
             problems.append(f"bitdelta distill.data: {e.distill.data} is not a file (relative paths are taken from"
                             " the current directory, then the recipe's folder)")
         else:
-            e._data_path = path.resolve()
-        for t in tensors:
-            if t.edit and any(x is e for x in t.edits[0]) and t.edits[0][-1] is not e:
-                problems.append(f"bitdelta with distill must be the last edit applied to a tensor, but not for {t.name}")
-                break
-    return problems
+            data_path = path.resolve()
+    return problems, data_path
 
 
 # ---------------------------------------------------------------------------------- models
@@ -153,24 +151,17 @@ def _fill(model: torch.nn.Module, values: dict[str, torch.Tensor], what: str) ->
 
 def build_models(plan: Plan, edit: BitDelta, device: torch.device) -> tuple[torch.nn.Module, Student]:
     """Teacher (the uncompressed target) and student (base + α·S) for the tensors `edit` compresses."""
-    from weightx.engine import Inputs, TensorComputer
-
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     inputs = Inputs()
     comp = TensorComputer(plan, inputs, device)
-    (spec, src), = plan.deltas
     teacher_vals: dict[str, torch.Tensor] = {}
     student_vals: dict[str, torch.Tensor] = {}
     packed, shapes, scales = {}, {}, {}
     try:
         for t in plan.tensors:
             if t.edit and t.edits[0] and t.edits[0][-1] is edit:
-                n, ctx = t.numel, TensorContext(t.name, t.shape, 0)
-                base = comp._load(plan.base, t, 0, n)
-                d = comp._delta(src, t, 0, n, base).view(t.shape)
-                base = base.view(t.shape)
-                for e in t.edits[0][:-1]:
-                    d = e.apply(d, ctx)
+                d = comp.edited_delta(t, 0, len(t.edits[0]) - 1)
+                base = comp.load(plan.base, t, 0, t.numel).view(t.shape)
                 packed[t.name], scales[t.name] = binarize(d, edit.bits, edit.group, edit.scale_multiplier)
                 shapes[t.name] = tuple(t.shape)
                 teacher_vals[t.name] = (base + d).to(dtype)
@@ -254,14 +245,14 @@ def train_scales(teacher: torch.nn.Module, student: Student, train: list[torch.T
     return DistillResult(scales, loss_before, loss_after, curve)
 
 
-def distill_plan(plan: Plan, device: torch.device) -> dict:
-    """Run the distillation phase of a plan; install the learned scales on the edit; return the record."""
-    from transformers import AutoTokenizer
+def distill_plan(plan: Plan, device: torch.device, state: RunState) -> dict:
+    """Run the distillation phase of a plan; put the learned scales in `state`; return the record."""
+    from transformers import AutoTokenizer  # heavy: loaded only when a recipe distills
 
     t0 = time.perf_counter()
-    edit = next(e for d in plan.recipe.deltas for e in d.edits if getattr(e, "distill", None) is not None)
+    edit = next(e for d in plan.recipe.deltas for e in d.edits if e.prepass() == "distill")
     cfg = edit.distill
-    path = edit._data_path or Path(cfg.data)
+    path = plan.distill_data or Path(cfg.data)
     text = path.read_text(encoding="utf-8", errors="replace")
     tokenizer = AutoTokenizer.from_pretrained(plan.config_source.root)
     windows = calibration_windows(text, tokenizer, cfg.max_length)
@@ -272,13 +263,11 @@ def distill_plan(plan: Plan, device: torch.device) -> dict:
     evaluate = batches(windows, cfg.batch_size, min(2, -(-len(windows) // cfg.batch_size)), device)
     with torch.enable_grad():
         result = train_scales(teacher, student, train, evaluate, lr=cfg.lr)
-    edit._learned.clear()
-    edit._learned.update(result.scales)
     del teacher, student
     if device.type == "cuda":
         torch.cuda.empty_cache()
     curve = result.train_loss
-    edit._distill_record = {
+    record = {
         "edit": "bitdelta",
         "data": str(path),
         "data_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
@@ -293,4 +282,5 @@ def distill_plan(plan: Plan, device: torch.device) -> dict:
         "device": str(device),
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    return edit._distill_record
+    state.learn(edit, result.scales, "distill", record)
+    return record

@@ -3,7 +3,7 @@
 Everything comes from one record shaped like `weightx.json` (recipe as run, inputs with revisions and
 hashes, output format, validation results), so the card can be rebuilt from a finished output folder
 alone: `render_record(json.load(open("out/weightx.json")))`. `render_card(plan)` builds the same record
-from a plan, for `api.execute`, which writes the card before `weightx.json` exists.
+from a plan, for `weightx.pipeline.run.execute`, which writes the card before `weightx.json` exists.
 
 A card written by weightx starts its body with `MARKER`; `refresh_card(folder)` (used by `weightx
 push`) rewrites only such cards, so a README.md the user wrote or edited (marker removed) is kept.
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 if TYPE_CHECKING:
-    from weightx.plan import Plan
+    from weightx.pipeline.plan import Plan
 
 # The values the Hub accepts for base_model_relation (model-card spec, "Specifying a base model":
 # https://huggingface.co/docs/hub/model-cards#specifying-a-base-model). weightx never writes "adapter".
@@ -142,7 +142,7 @@ def _label(record: dict, alias: str) -> str:
 def _describe_edits(recipe: dict) -> list[list[str]]:
     """Per delta, the plain-words description of each edit (the method's own `describe()`)."""
     try:
-        from weightx.recipe import validate_recipe
+        from weightx.recipe.model import validate_recipe
 
         r = validate_recipe(recipe, "weightx.json")
         return [[e.describe() for e in d.edits] for d in r.deltas]
@@ -419,7 +419,7 @@ def refresh_card(folder: str | Path, *, repo_id: str | None = None, write: bool 
     if text == current:
         return text, False
     if write:
-        tmp = readme.with_name(f".README.md.weightx-tmp")
+        tmp = readme.with_name(".README.md.weightx-tmp")
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(readme)
     return text, True

@@ -14,13 +14,9 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from weightx.output import OutputError
+from weightx.errors import OutputBusyError, OutputError
 
 LOCK_TAG = ".weightx-lock"
-
-
-class OutputBusyError(OutputError):
-    """Another weightx run holds the output path."""
 
 
 def lock_path(out_path: Path) -> Path:

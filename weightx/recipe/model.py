@@ -28,7 +28,7 @@ from pydantic import (
 from weightx.combine import COMBINES, CombineConfig
 from weightx.edits import EDITS, EditConfig
 from weightx.errors import RecipeError, UsageError
-from weightx.safetensors_io import text_problem
+from weightx.io.safetensors import text_problem
 
 MAX_YAML_ALIASES = 100
 MAX_YAML_BYTES = 1 << 20
@@ -149,7 +149,7 @@ class ValidateSpec(_Strict):
     @field_validator("require")
     @classmethod
     def _gates(cls, v: dict[str, str | float]) -> dict[str, str | float]:
-        from weightx.validate.gates import parse_gate
+        from weightx.recipe.gates import parse_gate
 
         problems = []
         for key, expr in v.items():
@@ -164,7 +164,7 @@ class ValidateSpec(_Strict):
     @field_validator("select")
     @classmethod
     def _select(cls, v: str | None) -> str | None:
-        from weightx.validate.gates import parse_select
+        from weightx.recipe.gates import parse_select
 
         if v is not None:
             parse_select(v)
@@ -172,7 +172,7 @@ class ValidateSpec(_Strict):
 
     @model_validator(mode="after")
     def _gate_refs(self) -> "ValidateSpec":
-        from weightx.validate.gates import parse_gate
+        from weightx.recipe.gates import parse_gate
 
         for key, expr in self.require.items():
             ref = parse_gate(key, expr).ref
@@ -343,7 +343,7 @@ def validate_recipe(data: Any, source: str = "recipe", *, sweep: bool = True) ->
     if not isinstance(data, dict):
         raise RecipeError(source, [("", "a recipe is a YAML mapping with models, base, deltas and output")])
     if sweep:
-        from weightx.validate.sweep import find_params
+        from weightx.recipe.sweep import find_params
 
         params = find_params(data)
         if params:
@@ -369,7 +369,7 @@ def _validate_sweep(data: dict, params: list, source: str) -> Recipe:
     The first candidate is checked whole; every other value of each list is checked on its own, and
     its problems are reported at `<param>.<index>` so all problems still come out in one go.
     """
-    from weightx.validate.sweep import Sweep, substitute, sweep_problems
+    from weightx.recipe.sweep import Sweep, substitute, sweep_problems
 
     firsts = tuple(p.values[0] for p in params)
     problems: list[tuple[str, str]] = []
@@ -390,7 +390,7 @@ def _validate_sweep(data: dict, params: list, source: str) -> Recipe:
     problems += [q for q in sweep_problems(data, params) if q not in problems]
     if problems or recipe is None:
         raise RecipeError(source, list(dict.fromkeys(problems)))
-    recipe._sweep = Sweep(params, data, source)
+    recipe._sweep = Sweep(params, data, source, lambda d, s: validate_recipe(d, s, sweep=False))
     return recipe
 
 

@@ -2,7 +2,7 @@
 
 A folder at output.path therefore always holds a finished run. Leftovers of killed runs are
 temporary siblings named `.<name>.weightx-tmp-<pid>-<n>` and are swept by the next run (after it
-took the shards they finished, see weightx.resume). Replacing an existing output is one atomic
+took the shards they finished, see weightx.pipeline.resume). Replacing an existing output is one atomic
 exchange of the two folders where the kernel offers it (renameat2), else two renames whose
 in-between state the next run repairs.
 """
@@ -17,8 +17,8 @@ import os
 import shutil
 from pathlib import Path
 
-from weightx.errors import UsageError, WeightxError
-from weightx.safetensors_io import text_problem
+from weightx.errors import OutputError, UsageError
+from weightx.io.safetensors import text_problem
 
 CONFIG_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -28,10 +28,6 @@ CONFIG_FILES = (
 TMP_TAG = ".weightx-tmp-"
 RESUME_PREFIX = ".weightx-resume"  # a temp folder holding one of these is kept for the next run to resume from
 _counter = itertools.count()
-
-
-class OutputError(WeightxError):
-    """The output could not be written (full disk, permissions...); the old output is untouched."""
 
 
 def write_failed(out_path: Path, e: OSError) -> OutputError:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from weightx.direct_io import SequentialFile
+from weightx.io.direct import SequentialFile
 from weightx.errors import InputError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from weightx.errors import InputError
-from weightx.safetensors_io import Header, TensorInfo, name_problem, read_header
+from weightx.io.safetensors import Header, TensorInfo, name_problem, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -35,7 +35,7 @@ class Source:
     revision: str | None = None  # resolved commit for hub sources
     sha256: dict[str, str] = field(default_factory=dict)  # known shard hashes (hub blobs)
     weightx_meta: dict | None = None  # the weightx.json of a weightx output, if it is one
-    # A weightx delta artifact's reader (weightx.delta_artifact.ArtifactReader): the source then lists
+    # A weightx delta artifact's reader (weightx.io.artifact.ArtifactReader): the source then lists
     # logical tensors, and compressed ones are decoded rather than read.
     artifact: Any = None
 
@@ -89,7 +89,7 @@ def _read_index(index: Path) -> dict:
 def _from_folder(alias: str, spec: str, root: Path, allow_pickle: bool = False) -> Source:
     index = root / INDEX_NAME
     if not index.is_file() and not (root / SINGLE_NAME).is_file() and not any(root.glob("*.safetensors")):
-        from weightx.staging import PICKLE_INDEX, refusal, weight_pickles
+        from weightx.io.staging import PICKLE_INDEX, refusal, weight_pickles
 
         if (root / PICKLE_INDEX).is_file() or weight_pickles(root):
             if not allow_pickle:
@@ -132,7 +132,7 @@ def _from_folder(alias: str, spec: str, root: Path, allow_pickle: bool = False) 
         except (OSError, ValueError, RecursionError):
             raise InputError(f"{wx}: unreadable weightx.json; the folder may be from an interrupted run") from None
     src = Source(alias, spec, "local", root, headers, weight_map, weightx_meta=meta)
-    from weightx.delta_artifact import attach_artifact, is_artifact_meta
+    from weightx.io.artifact import attach_artifact, is_artifact_meta
 
     if is_artifact_meta(meta):
         attach_artifact(src)
@@ -140,8 +140,8 @@ def _from_folder(alias: str, spec: str, root: Path, allow_pickle: bool = False) 
 
 
 def _from_pickles(alias: str, spec: str, root: Path) -> Source:
-    """A folder of pickle weights, staged as safetensors (allow_pickle: true; see weightx.staging)."""
-    from weightx.staging import PICKLE_INDEX, stage, weight_pickles
+    """A folder of pickle weights, staged as safetensors (allow_pickle: true; see weightx.io.staging)."""
+    from weightx.io.staging import PICKLE_INDEX, stage, weight_pickles
 
     index = root / PICKLE_INDEX
     if index.is_file():
@@ -218,7 +218,7 @@ def _from_hub(alias: str, spec: str, allow_pickle: bool = False) -> Source:
 
 
 def resolve(alias: str, spec: str, base_dir: Path | None = None, allow_pickle: bool = False) -> Source:
-    """Resolve one `models:` entry to a Source, reading headers only (pickles: see weightx.staging)."""
+    """Resolve one `models:` entry to a Source, reading headers only (pickles: see weightx.io.staging)."""
     path = Path(os.path.expanduser(spec))
     if not path.is_absolute() and base_dir is not None and not path.exists() and (base_dir / path).exists():
         path = base_dir / path
@@ -227,7 +227,7 @@ def resolve(alias: str, spec: str, base_dir: Path | None = None, allow_pickle: b
     if path.is_file():
         if path.suffix != ".safetensors":
             if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
-                from weightx.staging import refusal, stage
+                from weightx.io.staging import refusal, stage
 
                 if not allow_pickle:
                     raise InputError(f"models.{alias}: " + refusal(path, []))

@@ -16,13 +16,9 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
-from weightx.errors import WeightxError
+from weightx.errors import RankFailed, WeightxError
 
 T = TypeVar("T")
-
-
-class RankFailed(WeightxError):
-    """Another rank failed; this one stops too."""
 
 
 @dataclass

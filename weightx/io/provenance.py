@@ -36,6 +36,14 @@ def _load_cache() -> dict[str, str]:
         return {}
 
 
+def cached_sha256(path: Path) -> str | None:
+    """The sha256 an earlier run recorded for this file (by path, size and mtime), or None."""
+    try:
+        return _load_cache().get(_key(path))
+    except OSError:
+        return None
+
+
 def _store_cache(new: dict[str, str]) -> None:
     if not new:
         return

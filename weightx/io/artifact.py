@@ -1,0 +1,166 @@
+"""Reading delta artifacts (`output.format: delta`); planning and writing them is `weightx.pipeline`.
+
+An artifact is sharded safetensors plus `weightx.json`. Per compressed tensor `W`: `W.packed`
+(uint8 bit-planes, LSB first along the last dimension), `W.scale` (float32), `W.mask` (ternary
+positions); every other tensor is stored whole, as the value the dense output would have (the
+fine-tuned tensor when no other edit touches it). `weightx.json["delta"]` records the encoding and
+its version, each compressed tensor's codec parameters, shape and dtype, and the base (alias,
+source, revision, shard sizes and sha256).
+
+Reading: `sources.resolve` sees the record and attaches an `ArtifactReader`; the source then lists
+the logical tensors (W with its real shape and dtype, not its parts). The engine takes a compressed
+tensor's delta straight from `decoded()`, never as (base + δ̂) − base, so a reconstruction equals
+the `format: dense` output of the compressing recipe bit for bit. Whole tensors go the usual way
+(stored − base, then + base), which returns the stored value exactly for bf16/fp16 outputs.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+import torch
+
+from weightx.errors import InputError
+from weightx.formats import DECODERS, ENCODING, SUFFIXES, VERSION
+from weightx.io.provenance import cached_sha256
+from weightx.io.safetensors import DTYPES, MappedFile, TensorInfo, itemsize
+
+if TYPE_CHECKING:
+    from weightx.io.sources import Source
+
+CACHED_TENSORS = 3  # decoded tensors an artifact reader keeps while the engine's blocks are in flight
+
+
+def base_mismatch(artifact_alias: str, artifact: ArtifactReader, base_alias: str, base: Source,
+                  hashes: dict[str, str] | None = None) -> str | None:
+    """Why `base` is not the model the artifact was made against, in one line; None if it may be.
+
+    Compares shard names and sizes, then sha256 where known: Hub blob names, the local hash cache,
+    or `hashes` ({path: sha256}, from the run's hasher).
+    """
+    rec = artifact.base
+    made = rec.get("repo_id") or rec.get("source") or "?"
+    if rec.get("revision"):
+        made += f"@{str(rec['revision'])[:12]}"
+    head = (f"base '{base_alias}' ({base.describe()}) is not the model delta artifact '{artifact_alias}' was made"
+            f" against ({made})")
+    fix = f"; set models.{base_alias} to that exact base"
+    files = rec.get("files") or {}
+    if sorted(files) != sorted(base.headers):
+        return f"{head}: its shards are {', '.join(sorted(base.headers))[:200]}, the artifact records {', '.join(sorted(files))[:200]}{fix}"
+    for shard, info in sorted(files.items()):
+        path = base.headers[shard].path
+        size = path.stat().st_size
+        if info.get("size") is not None and int(info["size"]) != size:
+            return f"{head}: {shard} is {size:,} bytes, the artifact records {int(info['size']):,}{fix}"
+        want = info.get("sha256")
+        have = base.sha256.get(shard) or (hashes or {}).get(str(path)) or cached_sha256(path)
+        if want and have and want != have:
+            return f"{head}: {shard} has sha256 {have[:12]}…, the artifact records {want[:12]}…{fix}"
+    return None
+
+
+class ArtifactReader:
+    """Decodes the compressed tensors of a delta artifact folder (parts are mmap'd, zero-copy)."""
+
+    def __init__(self, src: Source, meta: dict):
+        delta = meta.get("delta")
+        where = src.root / "weightx.json"
+        if not isinstance(delta, dict) or delta.get("encoding") != ENCODING:
+            raise InputError(f"{where}: output.format is delta but there is no '{ENCODING}' record; the artifact is damaged or from another tool")
+        if not isinstance(delta.get("version"), int) or delta["version"] > VERSION:
+            raise InputError(f"{where}: delta encoding version {delta.get('version')!r} is newer than this weightx reads ({VERSION}); upgrade weightx")
+        self.root = src.root
+        self.base: dict = delta.get("base") or {}
+        self.model: str | None = delta.get("model")
+        self.codecs: dict[str, dict] = {}
+        self.raw_map = dict(src.weight_map)
+        self.headers = src.headers
+        decoders = DECODERS
+        for name, entry in (delta.get("tensors") or {}).items():
+            if not isinstance(entry, dict) or entry.get("codec") not in decoders:
+                raise InputError(f"{where}: tensor {name!r} has unknown codec {entry.get('codec') if isinstance(entry, dict) else entry!r}; upgrade weightx")
+            if entry.get("dtype") not in DTYPES or not isinstance(entry.get("shape"), list):
+                raise InputError(f"{where}: tensor {name!r} has no valid shape/dtype record; the artifact is damaged")
+            for sfx in ("packed", "scale"):
+                if f"{name}.{sfx}" not in self.raw_map:
+                    raise InputError(f"{src.root}: compressed tensor {name!r} lacks its {sfx} part; the artifact is incomplete, re-download it")
+            self.codecs[name] = entry
+        self.virtual = {
+            name: TensorInfo(name, e["dtype"], tuple(e["shape"]), 0, math.prod(e["shape"]) * itemsize(e["dtype"]))
+            for name, e in self.codecs.items()
+        }
+        self._maps: dict[str, MappedFile] = {}
+        self._lock = threading.Lock()
+        self._maps_lock = threading.Lock()
+        self._cache: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+
+    def is_compressed(self, name: str) -> bool:
+        return name in self.codecs
+
+    def logical_weight_map(self) -> dict[str, str]:
+        parts = {f"{n}.{s}" for n in self.codecs for s in SUFFIXES}
+        wm = {n: s for n, s in self.raw_map.items() if n not in parts}
+        wm.update({n: self.raw_map[f"{n}.packed"] for n in self.codecs})
+        return wm
+
+    def parts(self, name: str) -> dict[str, torch.Tensor]:
+        with self._maps_lock:
+            return self._parts(name)
+
+    def _parts(self, name: str) -> dict[str, torch.Tensor]:
+        out = {}
+        for sfx in SUFFIXES:
+            key = f"{name}.{sfx}"
+            shard = self.raw_map.get(key)
+            if shard is None:
+                continue
+            mf = self._maps.get(shard)
+            if mf is None:
+                mf = self._maps[shard] = MappedFile(self.headers[shard])
+            out[sfx] = mf.tensor(key).view(self.headers[shard].tensors[key].shape)
+        return out
+
+    def decode(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The dense float32 delta of one compressed tensor."""
+        entry = self.codecs[name]
+        params = {k: v for k, v in entry.items() if k not in ("codec", "shape", "dtype")}
+        parts = {k: v.to(device) for k, v in self.parts(name).items()}
+        return DECODERS[entry["codec"]](parts, tuple(entry["shape"]), **params)
+
+    def decoded(self, name: str, start: int, count: int, device: torch.device) -> torch.Tensor:
+        """Elements [start, start+count) of the flat decoded delta: a fresh float32 tensor on `device`.
+
+        The engine computes blocks of a few tensors at once on a thread pool: each tensor is decoded
+        once (under a lock) and the last few stay cached while their blocks are taken.
+        """
+        key = (name, str(device))
+        with self._lock:
+            full = self._cache.get(key)
+            if full is None:
+                full = self._cache[key] = self.decode(name, device).reshape(-1)
+                while len(self._cache) > CACHED_TENSORS:
+                    self._cache.popitem(last=False)
+            else:
+                self._cache.move_to_end(key)
+        return full[start:start + count].clone()
+
+    def release(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
+
+def attach_artifact(src: Source) -> None:
+    """Make a delta artifact folder's Source list logical tensors and carry its reader."""
+    reader = ArtifactReader(src, src.weightx_meta or {})
+    src.weight_map = reader.logical_weight_map()
+    src.artifact = reader
+
+
+def is_artifact_meta(meta: dict | None) -> bool:
+    return isinstance(meta, dict) and (meta.get("output") or {}).get("format") == "delta"
+
+

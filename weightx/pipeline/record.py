@@ -1,0 +1,102 @@
+"""What an output says about itself: config, index, and the `weightx.json` record.
+
+Runs once the shards are written (on rank 0): the recipe as run, the inputs with their sha256, the
+output's layout, per-tensor statistics, the delta encoding (`format: delta`) and the records of the
+pre-run phases from the run state. A wrong artifact base is refused here, now that hashes are known.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+
+from weightx import __version__
+from weightx.errors import InputError
+from weightx.formats import ENCODING, VERSION
+from weightx.io.artifact import base_mismatch
+from weightx.io.output import copy_config, write_json
+from weightx.io.safetensors import DTYPES
+from weightx.pipeline.compression import compression_summary
+from weightx.pipeline.compute import TensorStats
+from weightx.pipeline.plan import Plan
+from weightx.pipeline.state import RunState
+
+
+def dtype_name(code: str) -> str:
+    return str(DTYPES[code]).removeprefix("torch.")
+
+
+def inputs_record(plan: Plan, hashes: dict[str, str]) -> dict:
+    record = {}
+    for alias, src in plan.sources.items():
+        files = {}
+        for shard, header in src.headers.items():
+            files[shard] = {"size": header.path.stat().st_size, "sha256": src.sha256.get(shard) or hashes.get(str(header.path))}
+        record[alias] = {"source": src.spec, "kind": src.kind, "repo_id": src.repo_id, "revision": src.revision, "files": files}
+    return record
+
+
+def write_record(plan: Plan, tmp: Path, stats: dict[str, TensorStats], hashes: dict[str, str], dev: str, seconds: float,
+                 state: RunState) -> dict:
+    """Everything after the shards: config and index into `tmp`; returns the weightx.json content."""
+    r = plan.recipe
+    out_dtypes = {t.out_dtype for t in plan.tensors if t.edit}
+    cfg_dtype = dtype_name(next(iter(out_dtypes))) if len(out_dtypes) == 1 else None
+    if plan.config_source.has_config:
+        copy_config(plan.config_source.root, tmp, cfg_dtype)
+    weight_map = {o.name: s.filename for s in plan.shards for t in s.tensors for o in t.outs}
+    write_json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": plan.total_size}, "weight_map": dict(sorted(weight_map.items()))})
+    recipe_form = r.recipe_form()
+    recipe_form.setdefault("output", {})["path"] = str(plan.out_path)
+    doc = {
+        "weightx_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "status": "complete",
+        "recipe": recipe_form,
+        "inputs": inputs_record(plan, hashes),
+        "output": {
+            "format": r.output.format,
+            "dtype": cfg_dtype or sorted(dtype_name(c) for c in out_dtypes),
+            "total_size": plan.total_size,
+            "shards": [{"file": s.filename, "size": (tmp / s.filename).stat().st_size, "tensors": len(s.tensors)} for s in plan.shards],
+            "tensor_count": len(plan.tensors),
+            "parameter_count": plan.parameter_count,
+        },
+        "device": dev,
+        "seconds": round(seconds, 3),
+        "tensors": {k: v.as_dict() for k, v in sorted(stats.items())},
+    }
+    verify_bases(plan, hashes)
+    if r.output.format == "delta":
+        doc["delta"] = delta_record(plan, doc["inputs"], stats, state)
+    doc.update(state.record_sections())  # "distill", "ternary_global"
+    return doc
+
+
+def delta_record(plan: Plan, inputs: dict, stats: dict[str, TensorStats], state: RunState) -> dict:
+    """`weightx.json["delta"]`: what a reader needs to decode, and the base it must be applied to."""
+    r = plan.recipe
+    base = dict(inputs.get(r.base) or {})
+    base["alias"] = r.base
+    tensors = {}
+    for t in plan.tensors:
+        if t.codec is None:
+            continue
+        entry = {**t.codec.codec_params(t.shape, state.entry(t.codec, t.name)), "shape": list(t.shape), "dtype": t.out_dtype}
+        st = stats.get(t.name)
+        if st is not None:
+            entry.update(st.extra)
+        tensors[t.name] = entry
+    return {"encoding": ENCODING, "version": VERSION, "model": r.deltas[0].model, "base": base,
+            "sizes": compression_summary(plan), "tensors": tensors}
+
+
+def verify_bases(plan: Plan, hashes: dict[str, str]) -> None:
+    """After the run's hashing: refuse (InputError, one line) a base that differs from an artifact's."""
+    base = plan.sources[plan.recipe.base]
+    for d in plan.recipe.deltas:
+        art = plan.sources[d.model].artifact
+        if art is not None:
+            why = base_mismatch(d.model, art, plan.recipe.base, base, hashes)
+            if why:
+                raise InputError(why)

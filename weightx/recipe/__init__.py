@@ -1,0 +1,5 @@
+"""The recipe layer: DESIGN.md's YAML as typed models, its sweep and gate grammar."""
+
+from weightx.recipe.model import DeltaSpec, OutputSpec, PushSpec, Recipe, ValidateSpec, load_recipe, parse_size
+
+__all__ = ["Recipe", "DeltaSpec", "OutputSpec", "PushSpec", "ValidateSpec", "load_recipe", "parse_size"]

@@ -25,7 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from weightx.version import __version__
 from weightx.errors import PushError, UsageError, WeightxError
+from weightx.io.provenance import Hasher
+from weightx.pipeline.card import refresh_card, summary
+from weightx.pipeline.plan import human_bytes
 
 if TYPE_CHECKING:
     from weightx.recipe.model import PushSpec
@@ -143,8 +147,6 @@ def _scrub(text: str, token: str | None) -> str:
 
 def manifest(folder: Path, card: str | None) -> list[FileEntry]:
     """Every file of the output (hidden ones skipped), with size and sha256; README.md from `card`."""
-    from weightx.io.provenance import Hasher
-
     paths = sorted(p for p in folder.rglob("*")
                    if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     hashes = Hasher([p for p in paths if not (card is not None and p == folder / "README.md")]).result()
@@ -172,9 +174,6 @@ def _refuse_token_in_files(files: list[FileEntry], token: str) -> None:
 
 
 def default_commit_message(record: dict) -> str:
-    from weightx import __version__
-    from weightx.pipeline.card import summary
-
     text = f"weightx {record.get('weightx_version') or __version__}: {summary(record).rstrip('.')}"
     return text if len(text) <= 120 else text[:119] + "…"
 
@@ -296,8 +295,6 @@ def push(
     Without `repo`, the `push:` block recorded in the folder's weightx.json supplies repo, private,
     revision and commit message. `dry_run` lists what would be pushed and makes no network call.
     """
-    from weightx.pipeline.card import refresh_card
-
     log = log or (lambda _msg: None)
     if backoff is None:
         backoff = float(os.environ.get("WEIGHTX_PUSH_BACKOFF") or BACKOFF_S)
@@ -374,8 +371,6 @@ def _operations(files: list[FileEntry], deleted: list[str]) -> list:
 
 
 def _description(record: dict) -> str:
-    from weightx.pipeline.card import summary
-
     return f"{summary(record)}\n\nMade with weightx; the recipe as run, input hashes and validation are in weightx.json."
 
 
@@ -397,8 +392,6 @@ def push_spec(path: str | Path, spec: "PushSpec", *, log: Callable[[str], None] 
 
 
 def human(n: int) -> str:
-    from weightx.pipeline.plan import human_bytes
-
     return human_bytes(n)
 
 

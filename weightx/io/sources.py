@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from weightx.errors import InputError
+from weightx.io.artifact import attach_artifact, is_artifact_meta
 from weightx.io.safetensors import Header, TensorInfo, name_problem, read_header
+from weightx.io.staging import PICKLE_INDEX, refusal, stage, weight_pickles
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -89,8 +91,6 @@ def _read_index(index: Path) -> dict:
 def _from_folder(alias: str, spec: str, root: Path, allow_pickle: bool = False) -> Source:
     index = root / INDEX_NAME
     if not index.is_file() and not (root / SINGLE_NAME).is_file() and not any(root.glob("*.safetensors")):
-        from weightx.io.staging import PICKLE_INDEX, refusal, weight_pickles
-
         if (root / PICKLE_INDEX).is_file() or weight_pickles(root):
             if not allow_pickle:
                 raise InputError(refusal(root, [PICKLE_INDEX] if (root / PICKLE_INDEX).is_file() else weight_pickles(root)))
@@ -132,7 +132,6 @@ def _from_folder(alias: str, spec: str, root: Path, allow_pickle: bool = False) 
         except (OSError, ValueError, RecursionError):
             raise InputError(f"{wx}: unreadable weightx.json; the folder may be from an interrupted run") from None
     src = Source(alias, spec, "local", root, headers, weight_map, weightx_meta=meta)
-    from weightx.io.artifact import attach_artifact, is_artifact_meta
 
     if is_artifact_meta(meta):
         attach_artifact(src)
@@ -141,8 +140,6 @@ def _from_folder(alias: str, spec: str, root: Path, allow_pickle: bool = False) 
 
 def _from_pickles(alias: str, spec: str, root: Path) -> Source:
     """A folder of pickle weights, staged as safetensors (allow_pickle: true; see weightx.io.staging)."""
-    from weightx.io.staging import PICKLE_INDEX, stage, weight_pickles
-
     index = root / PICKLE_INDEX
     if index.is_file():
         listed = _read_index(index)
@@ -227,8 +224,6 @@ def resolve(alias: str, spec: str, base_dir: Path | None = None, allow_pickle: b
     if path.is_file():
         if path.suffix != ".safetensors":
             if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
-                from weightx.io.staging import refusal, stage
-
                 if not allow_pickle:
                     raise InputError(f"models.{alias}: " + refusal(path, []))
                 header = stage(path)

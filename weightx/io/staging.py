@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 
 from weightx.errors import InputError
+from weightx.io.provenance import cache_path
 from weightx.io.safetensors import DTYPE_NAMES, Header, OutTensor, ShardWriter, name_problem, read_header
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -27,8 +28,6 @@ NOT_WEIGHTS = {"training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state.p
 
 
 def staged_dir() -> Path:
-    from weightx.io.provenance import cache_path
-
     return cache_path().parent / "staged"
 
 

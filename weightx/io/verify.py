@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from weightx.errors import InputError, UsageError
+from weightx.io.provenance import sha256_file
 
 
 # ---- weightx verify ---------------------------------------------------------------------------
@@ -27,8 +28,6 @@ class VerifyResult:
 
 def verify(path: str | Path) -> VerifyResult:
     """Re-hash every shard of a weightx output against its weightx.json; problems are listed, not raised."""
-    from weightx.io.provenance import sha256_file
-
     folder = Path(path)
     record = folder / "weightx.json"
     if not folder.is_dir():

@@ -19,6 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from weightx.version import __version__
+from weightx.recipe.model import validate_recipe
+
 if TYPE_CHECKING:
     from weightx.pipeline.plan import Plan
 
@@ -142,8 +145,6 @@ def _label(record: dict, alias: str) -> str:
 def _describe_edits(recipe: dict) -> list[list[str]]:
     """Per delta, the plain-words description of each edit (the method's own `describe()`)."""
     try:
-        from weightx.recipe.model import validate_recipe
-
         r = validate_recipe(recipe, "weightx.json")
         return [[e.describe() for e in d.edits] for d in r.deltas]
     except Exception:  # an op this weightx version no longer knows: fall back to the recorded params
@@ -374,8 +375,6 @@ def _delta_section(record: dict, repo_id: str | None) -> list[str]:
 def render_record(record: dict, *, repo_id: str | None = None) -> str:
     """The full README.md for a weightx.json-shaped record."""
     from huggingface_hub import ModelCard
-
-    from weightx import __version__
 
     recipe = record.get("recipe") or {}
     body = [MARKER, "", f"# {title_of(record, repo_id)}", "", summary(record), "", _output_line(record), ""]

@@ -293,7 +293,6 @@ class TensorComputer:
                     states[(i, j)] = edit.prepare(_BlockSource(one, self.ranges(t), self.pool, self.workers), ctx)
             combine = self.plan.recipe.combine
             if not combine.elementwise:
-
                 def every(start: int, count: int, readonly: bool) -> list[torch.Tensor]:
                     cached = t.name in self._cache  # else one base conversion serves every delta
                     base = None if cached else self.load(self.plan.base, t, start, count)

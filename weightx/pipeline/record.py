@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 from pathlib import Path
 
-from weightx import __version__
+from weightx.version import __version__
 from weightx.errors import InputError
 from weightx.formats import ENCODING, VERSION
 from weightx.io.artifact import base_mismatch

@@ -19,15 +19,15 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from weightx.version import __version__
 from weightx.io.lock import output_lock
 from weightx.io.output import RESUME_PREFIX, make_temp, stale_temps, write_failed
 from weightx.io.provenance import sha256_file
+from weightx.pipeline.compute import TensorStats
 
 
 def fingerprint(plan: Any, device_type: str) -> str:
     import torch
-
-    from weightx import __version__
 
     recipe = plan.recipe.recipe_form()
     recipe.setdefault("output", {})["path"] = str(plan.out_path)
@@ -85,8 +85,6 @@ class ResumeLog:
 
     def stats(self, names: set[str]) -> dict:
         """TensorStats of the tensors in the adopted shards named, as their first run computed them."""
-        from weightx.pipeline.engine import TensorStats
-
         keys = ("delta_norm", "edited_norm", "combined_norm")
         out = {}
         for name in names:

@@ -29,6 +29,8 @@ from weightx.combine import COMBINES, CombineConfig
 from weightx.edits import EDITS, EditConfig
 from weightx.errors import RecipeError, UsageError
 from weightx.io.safetensors import text_problem
+from weightx.recipe.gates import parse_gate, parse_select
+from weightx.recipe.sweep import Sweep, find_params, substitute, sweep_problems
 
 MAX_YAML_ALIASES = 100
 MAX_YAML_BYTES = 1 << 20
@@ -149,8 +151,6 @@ class ValidateSpec(_Strict):
     @field_validator("require")
     @classmethod
     def _gates(cls, v: dict[str, str | float]) -> dict[str, str | float]:
-        from weightx.recipe.gates import parse_gate
-
         problems = []
         for key, expr in v.items():
             try:
@@ -164,16 +164,12 @@ class ValidateSpec(_Strict):
     @field_validator("select")
     @classmethod
     def _select(cls, v: str | None) -> str | None:
-        from weightx.recipe.gates import parse_select
-
         if v is not None:
             parse_select(v)
         return v
 
     @model_validator(mode="after")
     def _gate_refs(self) -> "ValidateSpec":
-        from weightx.recipe.gates import parse_gate
-
         for key, expr in self.require.items():
             ref = parse_gate(key, expr).ref
             if ref is not None and ref not in self.compare:
@@ -343,8 +339,6 @@ def validate_recipe(data: Any, source: str = "recipe", *, sweep: bool = True) ->
     if not isinstance(data, dict):
         raise RecipeError(source, [("", "a recipe is a YAML mapping with models, base, deltas and output")])
     if sweep:
-        from weightx.recipe.sweep import find_params
-
         params = find_params(data)
         if params:
             return _validate_sweep(data, params, source)
@@ -369,8 +363,6 @@ def _validate_sweep(data: dict, params: list, source: str) -> Recipe:
     The first candidate is checked whole; every other value of each list is checked on its own, and
     its problems are reported at `<param>.<index>` so all problems still come out in one go.
     """
-    from weightx.recipe.sweep import Sweep, substitute, sweep_problems
-
     firsts = tuple(p.values[0] for p in params)
     problems: list[tuple[str, str]] = []
     recipe = None

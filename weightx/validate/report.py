@@ -20,8 +20,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from weightx.errors import GateFailed, InputError, UsageError
+from weightx.io.sources import resolve
+from weightx.pipeline.card import refresh_card
 from weightx.recipe.gates import GateResult, check, parse_gate
-from weightx.validate.runner import EvalSettings
+from weightx.validate.runner import EvalSettings, evaluate, load_model, settings_for, stored_dtype, summarize, task_order, torch_device, torch_dtype
+from weightx.validate.sweep import run_sweep
+from weightx.validate.tasks import load_tasks, resolve_tasks
 
 if TYPE_CHECKING:
     from weightx.pipeline.plan import Plan
@@ -96,8 +100,6 @@ def evaluate_models(
     """Evaluate each model folder (label -> path); `preset` supplies results already measured."""
     import torch
 
-    from weightx.validate.runner import evaluate, load_model, stored_dtype, summarize, task_order, torch_device, torch_dtype
-
     t0 = time.perf_counter()
     v = Validation(task_names, settings, task_order(tasks), list(models), {k: str(p) for k, p in models.items()},
                    output_label=output_label, lm_eval_version=_lm_eval_version())
@@ -124,8 +126,6 @@ def evaluate_models(
 
 def compare_paths(aliases: list[str], recipe: Any, recipe_dir: Path | None) -> dict[str, Path]:
     """The folders of the compared inputs (resolved like any model source)."""
-    from weightx.io.sources import resolve
-
     out = {}
     for alias in aliases:
         src = resolve(alias, recipe.models[alias], recipe_dir)
@@ -150,8 +150,6 @@ def write_record(folder: Path, validation: Validation, sweep: "SweepOutcome | No
         os.fsync(f.fileno())
     os.replace(tmp, path)
     try:
-        from weightx.pipeline.card import refresh_card
-
         refresh_card(folder)
     except (ImportError, OSError, ValueError):  # the card is a convenience; weightx.json is the record
         pass
@@ -169,9 +167,6 @@ def validate_output(
     log: Callable[[str], None] = lambda m: None,
 ) -> Validation:
     """Run the recipe's validate block on the written output; record it; return it (check `.passed`)."""
-    from weightx.validate.runner import settings_for
-    from weightx.validate.tasks import load_tasks, resolve_tasks
-
     spec = plan.recipe.validate_
     if spec is None:
         raise ValueError("the recipe has no validate block")
@@ -181,8 +176,6 @@ def validate_output(
     models = {**compare_paths(spec.compare, plan.recipe, recipe_dir), "output": out}
     preset = None
     if sweep is not None:
-        from weightx.validate.runner import task_order
-
         # The winner was measured in memory on the select task; reuse that only if it covers every task.
         if set(task_order(tasks)) <= set(sweep.best.results):
             preset = {"output": (sweep.best.results, sweep.best.higher_is_better)}
@@ -202,10 +195,6 @@ def run_recipe_sweep(
     log: Callable[[str], None] = lambda m: None,
 ) -> tuple[Any, "SweepOutcome", "LoadedTasks"]:
     """Evaluate a recipe's sweep in memory; return (the winner's scalar recipe, the outcome, the tasks)."""
-    from weightx.errors import UsageError
-    from weightx.validate.sweep import run_sweep
-    from weightx.validate.tasks import load_tasks, resolve_tasks
-
     if not validate:
         p = recipe.sweep.params[0]
         raise UsageError(f"{recipe.sweep.describe()}; picking the winner needs evaluation: drop --no-validate,"
@@ -216,8 +205,6 @@ def run_recipe_sweep(
 
 
 def _model_dir(spec: str, what: str) -> Path:
-    from weightx.io.sources import resolve
-
     src = resolve(what, spec)
     if src.kind == "file" or not src.has_config:
         raise InputError(f"{spec}: lm-eval needs a model folder with config.json and a tokenizer, not just weights")
@@ -233,8 +220,6 @@ def evaluate_paths(
     log: Callable[[str], None] = lambda m: None,
 ) -> Validation:
     """`weightx eval`: evaluate a checkpoint (and others side by side); columns are named after the folders."""
-    from weightx.validate.tasks import load_tasks, resolve_tasks
-
     if not tasks:
         raise UsageError("--tasks is empty; name at least one task, e.g. --tasks weightx_smoke")
     loaded = load_tasks(resolve_tasks(tasks, Path.cwd()))

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from weightx.errors import InputError
+from weightx.pipeline.compute import pick_device
 from weightx.validate.tasks import LoadedTasks
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
@@ -39,8 +40,6 @@ def settings_for(spec: Any, device: str | None = None) -> EvalSettings:
 
 
 def torch_device(settings: EvalSettings) -> Any:
-    from weightx.pipeline.engine import pick_device
-
     return pick_device(settings.device or "auto")
 
 

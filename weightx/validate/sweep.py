@@ -23,7 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from weightx.errors import InputError, UsageError
+from weightx.io.safetensors import DTYPES
+from weightx.pipeline.compute import Inputs, TensorComputer, pick_device
+from weightx.pipeline.planner import build_plan
+from weightx.recipe.gates import available, lookup, parse_select
 from weightx.recipe.sweep import Sweep
+from weightx.validate.runner import evaluate, settings_for, summarize, torch_dtype
+from weightx.validate.tasks import LoadedTasks, load_tasks, resolve_tasks
 
 if TYPE_CHECKING:
     from weightx.pipeline.plan import Plan
@@ -80,9 +87,6 @@ def set_weights(model: Any, plan: "Plan", device: Any) -> None:
     """
     import torch
 
-    from weightx.pipeline.engine import Inputs, TensorComputer
-    from weightx.errors import InputError
-
     state = model.state_dict()  # shares storage with the parameters
     inputs = Inputs()
     computer = TensorComputer(plan, inputs, device)
@@ -107,9 +111,6 @@ def set_weights(model: Any, plan: "Plan", device: Any) -> None:
 
 def select_tasks(tasks: "LoadedTasks", name: str) -> "LoadedTasks":
     """The part of `tasks` that `select` reads: that group or that task alone."""
-    from weightx.errors import UsageError
-    from weightx.validate.tasks import LoadedTasks
-
     if name in tasks.groups:
         group = tasks.groups[name]
         subtasks = {t.task_name: t for t in group.get_all_tasks()}
@@ -122,8 +123,6 @@ def select_tasks(tasks: "LoadedTasks", name: str) -> "LoadedTasks":
 
 
 def _score(results: dict, higher: dict, select: Any) -> tuple[float | None, float | None, bool | None]:
-    from weightx.recipe.gates import lookup
-
     entry = lookup(results, select.task, select.metric)
     if entry is None:
         return None, None, None
@@ -143,14 +142,6 @@ def run_sweep(
 ) -> SweepOutcome:
     """Evaluate every candidate of `recipe`'s sweep in memory and pick the winner by `validate.select`."""
     import torch
-
-    from weightx.pipeline.engine import pick_device
-    from weightx.errors import UsageError
-    from weightx.pipeline.plan import build_plan
-    from weightx.io.safetensors import DTYPES
-    from weightx.recipe.gates import parse_select
-    from weightx.validate.runner import evaluate, settings_for, summarize, torch_dtype
-    from weightx.validate.tasks import load_tasks, resolve_tasks
 
     t0 = time.perf_counter()
     sweep = recipe.sweep
@@ -187,8 +178,6 @@ def run_sweep(
         cand.results, cand.higher_is_better = summarize(evaluate(model, tokenizer, judge, settings))
         cand.score, cand.stderr, hib = _score(cand.results, cand.higher_is_better, select)
         if cand.score is None:
-            from weightx.recipe.gates import available
-
             raise UsageError(f"validate.select: {select.key} was not measured ({available(cand.results, select.task)})")
         direction = direction or ("min" if hib is False else "max")  # lm-eval's higher_is_better
         cand.seconds = time.perf_counter() - t1

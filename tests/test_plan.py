@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from weightx.errors import PlanError, UsageError
+from weightx.errors import InputNotFoundError, PlanError, UsageError, WeightxError
 from weightx.pipeline.planner import build_plan
 from weightx.recipe.model import load_recipe
 from conftest import expo_recipe, run_cli, write_recipe
@@ -44,9 +44,31 @@ def test_no_output_path():
 
 
 def test_missing_local_model_named(tmp_path, family):
-    with pytest.raises(PlanError) as e:
+    with pytest.raises(InputNotFoundError) as e:
         build_plan(load_recipe(expo_recipe(tmp_path / "nope1", tmp_path / "nope2", tmp_path / "out")))
     assert "models.sft" in str(e.value) and "models.dpo" in str(e.value)
+
+
+@pytest.mark.parametrize("missing", [1, 2])
+def test_missing_models_raise_one_type_however_many(tmp_path, family, missing):
+    """The standard exception a library user catches, and the same type for one or two missing."""
+    sft = tmp_path / "nope1"
+    dpo = tmp_path / "nope2" if missing == 2 else family["dpo"]
+    with pytest.raises(FileNotFoundError) as e:
+        build_plan(load_recipe(expo_recipe(sft, dpo, tmp_path / "out")))
+    assert type(e.value) is InputNotFoundError and isinstance(e.value, WeightxError)
+    assert len(e.value.problems) == missing
+
+
+def test_every_user_error_is_also_a_standard_exception():
+    import weightx.errors as errors
+
+    standard = (ValueError, OSError, ConnectionError, AssertionError, RuntimeError)
+    for cls in vars(errors).values():
+        if isinstance(cls, type) and issubclass(cls, errors.WeightxError) and cls is not errors.WeightxError:
+            assert issubclass(cls, standard), cls
+    assert issubclass(errors.RecipeError, ValueError) and issubclass(errors.OutputBusyError, BlockingIOError)
+    assert issubclass(errors.InputNotFoundError, FileNotFoundError) and issubclass(errors.PlanError, ValueError)
 
 
 def test_plan_cli_prints_counts_sizes_shards(family, tmp_path):

@@ -48,6 +48,10 @@ class RecipeError(UsageError):
 class InputError(_Problems, WeightxError, ValueError):
     """A model source that is unreadable or malformed (one or several)."""
 
+    def __init__(self, problems: str | list[str]):
+        n = 1 if isinstance(problems, str) else len(problems)
+        super().__init__(problems, "" if n == 1 else f"{n} inputs cannot be read:")
+
 
 class InputNotFoundError(InputError, FileNotFoundError):
     """A model source that does not exist (locally or on the Hub)."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from weightx.errors import InputError
+from weightx.errors import InputError, InputNotFoundError
 from weightx.io.artifact import attach_artifact, is_artifact_meta
 from weightx.io.safetensors import Header, TensorInfo, name_problem, read_header
 from weightx.io.staging import PICKLE_INDEX, refusal, stage, weight_pickles
@@ -191,7 +191,7 @@ def _from_hub(alias: str, spec: str, allow_pickle: bool = False) -> Source:
     except GatedRepoError:
         raise InputError(f"{repo_id} is gated: accept its terms on huggingface.co and log in with `hf auth login`") from None
     except RepositoryNotFoundError:
-        raise InputError(f"{repo_id} not found on the Hub (or private: log in with `hf auth login`); check the id") from None
+        raise InputNotFoundError(f"{repo_id} not found on the Hub (or private: log in with `hf auth login`); check the id") from None
     except RevisionNotFoundError:
         raise InputError(f"{repo_id} has no revision {revision!r}; check the branch, tag or commit") from None
     except LocalEntryNotFoundError:
@@ -232,4 +232,4 @@ def resolve(alias: str, spec: str, base_dir: Path | None = None, allow_pickle: b
         return _from_file(alias, spec, path.resolve())
     if looks_like_hub_id(spec):
         return _from_hub(alias, spec, allow_pickle)
-    raise InputError(f"models.{alias}: {spec!r} does not exist; give a local folder, a .safetensors file or a Hub id org/name[@revision]")
+    raise InputNotFoundError(f"models.{alias}: {spec!r} does not exist; give a local folder, a .safetensors file or a Hub id org/name[@revision]")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from weightx.errors import InputError, PlanError, UsageError
+from weightx.errors import InputError, InputNotFoundError, PlanError, UsageError
 from weightx.io.safetensors import DTYPE_NAMES, TORCH_DTYPES
 from weightx.io.sources import Source, resolve
 from weightx.pipeline.compression import plan_compression, render_compression
@@ -23,18 +23,17 @@ def _inside(child: Path, parent: Path) -> bool:
 def resolve_sources(recipe: Recipe, recipe_dir: Path | None = None) -> dict[str, Source]:
     """Resolve every model the recipe uses; collect all failures before raising."""
     used = {recipe.base, recipe.config_from, *(d.model for d in recipe.deltas)}
-    sources, problems = {}, []
+    sources, errors = {}, []
     for alias, spec in recipe.models.items():
         if alias not in used:
             continue
         try:
             sources[alias] = resolve(alias, spec, recipe_dir, allow_pickle=recipe.allow_pickle)
         except InputError as e:
-            problems.append(str(e))
-    if problems:
-        if len(problems) == 1:
-            raise InputError(problems[0])
-        raise PlanError(problems)
+            errors.append(e)
+    if errors:  # one type however many failed: not found only if every one of them is missing
+        kind = InputNotFoundError if all(isinstance(e, InputNotFoundError) for e in errors) else InputError
+        raise kind([p for e in errors for p in e.problems])
     return sources
 
 

@@ -71,18 +71,25 @@ def apply(
     if validating and tasks is None:
         # An unknown task or one whose data is offline stops the run before any compute.
         tasks = load_tasks(resolve_tasks(r.validate_.tasks, recipe_dir))
-    result = execute(plan, device=device, overwrite=overwrite, progress=progress)
+    validation = []
+
+    def accept(candidate: Path) -> bool:  # runs on the complete candidate, before it replaces anything
+        validation.append(validate_output(plan, path=candidate, recipe_dir=recipe_dir, device=device, sweep=sweep,
+                                          tasks=tasks, log=log))
+        return validation[-1].passed
+
+    result = execute(plan, device=device, overwrite=overwrite, progress=progress, accept=accept if validating else None)
     if not _main_rank():
         return result
     say("written", result)
-    if validating:
-        v = validate_output(result.plan, path=result.path, recipe_dir=recipe_dir, device=device, sweep=sweep, tasks=tasks, log=log)
+    if validation:
+        v = validation[-1]
         result.extra["validation"] = v.as_record()
         if sweep is not None:
             result.extra["sweep"] = sweep.as_record()
         say("validation", v)
         if not v.passed:
-            raise gate_failed(v, result.path)
+            raise gate_failed(v, result.path, previous=plan.out_path if result.extra.get("rejected") else None)
     if push and r.push is not None:  # keep last: publish only after apply (and validation) succeeded
         pushed = push_spec(result.path, r.push, log=log)
         result.extra["push"] = pushed.as_dict()

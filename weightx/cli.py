@@ -4,6 +4,7 @@ runs, so `weightx --help` answers instantly. Every behaviour lives in the API; t
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Any
 
@@ -17,6 +18,15 @@ from weightx.io.provenance import prehash_recipe
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # numpy's OpenBLAS pool would wake for nothing we compute (torch does the math) and compete for cores.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C so the same cleanup runs."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills at once
+    raise Terminated()
 
 
 class _Group(click.Group):
@@ -34,14 +44,18 @@ class _Group(click.Group):
                 shown(message, category, *args, **kwargs)
 
         warnings.showwarning = one_line
+        # SIGTERM (a job scheduler, `kill`) takes the same path as Ctrl-C: one line, the temporary
+        # folder and the lock cleaned up, never an output that looks finished.
+        signal.signal(signal.SIGTERM, _terminate)
         try:
             return super().invoke(ctx)
         except WeightxError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted; nothing was written to the output path (rerunning an interrupted apply resumes from its finished shards)", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as e:
+            what = "terminated" if isinstance(e, Terminated) else "interrupted"
+            click.echo(f"{what}; nothing was written to the output path (rerunning an interrupted apply resumes from its finished shards)", err=True)
+            sys.exit(143 if isinstance(e, Terminated) else 130)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -27,9 +27,12 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from weightx.version import __version__
 from weightx.errors import PushError, UsageError, WeightxError
+from weightx.io.files import is_regular, read_regular
+from weightx.io.lock import output_lock
 from weightx.io.provenance import Hasher
-from weightx.pipeline.card import refresh_card, summary
+from weightx.pipeline.card import MARKER, refresh_card, render_record, summary
 from weightx.pipeline.plan import human_bytes
+from weightx.pipeline.record import portable
 
 if TYPE_CHECKING:
     from weightx.recipe.model import PushSpec
@@ -41,7 +44,10 @@ TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 # Remote files a push replaces wholesale: left-over ones would be loaded instead of (or beside) the new weights.
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth",
                    "*.ckpt", "*.gguf", "*.h5", "*.msgpack")
-SCAN_LIMIT = 10 << 20  # text files up to this size are checked for the token
+SCAN_LIMIT = 10 << 20  # the first bytes of each file checked for tokens
+SAFETENSORS_HEAD = 1 << 20  # of a shard, the header region (names, metadata) is checked
+TOKEN_SHAPE = re.compile(rb"hf_[A-Za-z0-9]{30,}")
+TIMEOUT_S = 120.0  # a Hub read that takes longer fails the step (WEIGHTX_PUSH_TIMEOUT overrides it)
 MIN_TOKEN_LEN = 8  # shorter "tokens" are not real ones, and would match everywhere
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]{0,95}/[A-Za-z0-9][\w.\-]{0,95}$")
 
@@ -145,32 +151,90 @@ def _scrub(text: str, token: str | None) -> str:
 # ----------------------------------------------------------------------------------- manifest
 
 
-def manifest(folder: Path, card: str | None) -> list[FileEntry]:
-    """Every file of the output (hidden ones skipped), with size and sha256; README.md from `card`."""
-    paths = sorted(p for p in folder.rglob("*")
-                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-    hashes = Hasher([p for p in paths if not (card is not None and p == folder / "README.md")]).result()
-    files = []
-    for p in paths:
-        rel = p.relative_to(folder).as_posix()
-        if rel == "README.md" and card is not None:
+def manifest(folder: Path, card: str | None, replace: dict[str, bytes] | None = None) -> list[FileEntry]:
+    """Every file of the output (hidden ones skipped), with size and sha256; README.md from `card`,
+    and the files named in `replace` with those bytes (the public weightx.json). A symlink or a special file in the folder is refused: only what weightx wrote is published."""
+    paths = []
+    for p in sorted(folder.rglob("*")):
+        if any(part.startswith(".") for part in p.relative_to(folder).parts):
             continue
-        files.append(FileEntry(rel, p.stat().st_size, hashes[str(p)], local=p))
+        if p.is_symlink():
+            raise PushError(f"{p} is a symbolic link; a weightx output holds only the files it wrote, so it is not"
+                            " pushed (a link could publish a file from outside the folder): remove it")
+        if p.is_dir():
+            continue
+        if not is_regular(p):
+            raise PushError(f"{p} is not a regular file; remove it from the output folder before pushing")
+        paths.append(p)
+    given = dict(replace or {})
     if card is not None:
-        data = card.encode("utf-8")
-        files.append(FileEntry("README.md", len(data), hashlib.sha256(data).hexdigest(), data=data))
+        given["README.md"] = card.encode("utf-8")
+    local = [p for p in paths if p.relative_to(folder).as_posix() not in given]
+    hashes = Hasher(local).result()
+    files = [FileEntry(p.relative_to(folder).as_posix(), p.stat().st_size, hashes[str(p)], local=p) for p in local]
+    files += [FileEntry(name, len(data), hashlib.sha256(data).hexdigest(), data=data) for name, data in given.items()]
     return sorted(files, key=lambda f: f.path)
 
 
-def _refuse_token_in_files(files: list[FileEntry], token: str) -> None:
-    if len(token) < MIN_TOKEN_LEN:
-        return
+def known_tokens(token: str | None) -> list[str]:
+    """Every Hub token this machine holds: the pushing one, the environment's, the saved logins."""
+    found = [token, os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")]
+    try:
+        from huggingface_hub import constants  # heavy: loaded only when pushing
+
+        found.append(Path(constants.HF_TOKEN_PATH).read_text(encoding="utf-8"))
+        stored = Path(constants.HF_STORED_TOKENS_PATH).read_text(encoding="utf-8")
+        found += [line.partition("=")[2] for line in stored.splitlines()]
+    except (OSError, UnicodeDecodeError, AttributeError):
+        pass
+    return sorted({t.strip() for t in found if t and len(t.strip()) >= MIN_TOKEN_LEN})
+
+
+def refuse_secrets(files: list[FileEntry], token: str | None) -> None:
+    """Refuse a push whose files hold a Hub token this machine knows, or anything shaped like one
+    (`hf_` + 30 or more letters and digits), in any file but the shards' tensor data."""
+    tokens = [t.encode() for t in known_tokens(token)]
     for f in files:
-        if fnmatch.fnmatch(f.path, "*.safetensors") or f.size > SCAN_LIMIT:
-            continue
-        data = f.data if f.data is not None else f.local.read_bytes()  # type: ignore[union-attr]
-        if token.encode() in data:
+        if f.data is not None:
+            data = f.data
+        elif fnmatch.fnmatch(f.path, "*.safetensors"):
+            data = read_regular(f.local, SAFETENSORS_HEAD)  # type: ignore[arg-type]  # the header: names and metadata
+        else:
+            data = read_regular(f.local, SCAN_LIMIT)  # type: ignore[arg-type]
+        if any(t in data for t in tokens):
             raise PushError(f"{f.path} contains your Hub token; remove it from that file (and rotate the token) before pushing")
+        if TOKEN_SHAPE.search(data):
+            raise PushError(f"{f.path} contains something shaped like a Hub token (hf_…); remove it from that file"
+                            " (and rotate the token if it is one) before pushing")
+
+
+def check_against_record(files: list[FileEntry], record: dict, folder: Path) -> None:
+    """Every shard weightx.json records is there with its size and sha256, and no other weights are:
+    a missing, truncated or swapped shard is never published."""
+    shards = (record.get("output") or {}).get("shards")
+    if not isinstance(shards, list) or not all(isinstance(s, dict) and isinstance(s.get("file"), str) for s in shards):
+        raise PushError(f"{folder / 'weightx.json'} lists no shards; re-run `weightx apply` to rebuild the output")
+    have = {f.path: f for f in files}
+    for s in shards:
+        f = have.get(s["file"])
+        if f is None:
+            raise PushError(f"{folder / s['file']} is missing; the output is incomplete: re-run `weightx apply` (`weightx verify` checks it)")
+        if s.get("size") is not None and f.size != s.get("size") or s.get("sha256") and f.sha256 != s.get("sha256"):
+            raise PushError(f"{folder / s['file']} does not match the sha256/size weightx.json records (truncated or"
+                            " replaced); re-run `weightx apply` (`weightx verify` checks it)")
+    listed = {s["file"] for s in shards}
+    extra = [p for p in have if fnmatch.fnmatch(p, "*.safetensors") and p not in listed]
+    if extra:
+        raise PushError(f"{folder / extra[0]} is not a shard weightx.json records; remove it before pushing")
+
+
+def _set_timeouts() -> None:
+    """huggingface_hub waits forever on a server that accepts and never answers: bound each read."""
+    from huggingface_hub import get_session  # heavy: loaded only when pushing
+
+    session = get_session()
+    seconds = float(os.environ.get("WEIGHTX_PUSH_TIMEOUT") or TIMEOUT_S)
+    session.timeout = type(session.timeout)(seconds, connect=min(seconds, 30.0))
 
 
 def default_commit_message(record: dict) -> str:
@@ -299,6 +363,16 @@ def push(
     if backoff is None:
         backoff = float(os.environ.get("WEIGHTX_PUSH_BACKOFF") or BACKOFF_S)
     folder = Path(path)
+    if not folder.is_dir():
+        raise UsageError(f"{folder} is not a folder; pass the output folder of `weightx apply`")
+    with output_lock(folder):  # a concurrent `apply --overwrite` cannot swap the folder mid-push
+        return _push_locked(folder, repo, private, revision, commit_message, token, dry_run, force, endpoint,
+                            retries, backoff, log)
+
+
+def _push_locked(folder: Path, repo: str | None, private: bool, revision: str | None, commit_message: str | None,
+                 token: str | None, dry_run: bool, force: bool, endpoint: str | None, retries: int, backoff: float,
+                 log: Callable[[str], None]) -> PushResult:
     record = read_record(folder)
     spec = (record.get("recipe") or {}).get("push") or {}
     if repo is None and spec:
@@ -310,7 +384,7 @@ def push(
     rev = check_revision(revision)
     check_validation(record, force)
     token, token_source = find_token(token)
-    from huggingface_hub import HfApi, constants
+    from huggingface_hub import HfApi, constants  # heavy: loaded only when pushing
 
     if not dry_run:  # refuse before hashing gigabytes of shards
         if token is None:
@@ -319,15 +393,23 @@ def push(
             raise PushError("HF_HUB_OFFLINE is set, so the Hub cannot be reached; unset HF_HUB_OFFLINE (and TRANSFORMERS_OFFLINE) to push")
 
     card, card_changed = refresh_card(folder, repo_id=repo, write=False)
-    files = manifest(folder, card)
+    public = portable(record)  # outputs of older versions recorded absolute local paths
+    replace = {}
+    if public != record:
+        replace["weightx.json"] = (json.dumps(public, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+        if MARKER in card:  # ours: the published card is rendered from the public record
+            card = render_record(public, repo_id=repo)
+    files = manifest(folder, card, replace)
+    check_against_record(files, record, folder)
     result = PushResult(repo, rev, private, files, dry_run=dry_run, card_updated=card_changed, token_source=token_source)
     if dry_run:
         return result
     assert token is not None
-    _refuse_token_in_files(files, token)
+    refuse_secrets(files, token)
     if card_changed:
-        refresh_card(folder, repo_id=repo, write=True)  # the folder keeps the card that was pushed
+        refresh_card(folder, repo_id=repo, write=True)  # the local card, from the local record
         log("README.md: model card regenerated from weightx.json")
+    _set_timeouts()
 
     api = HfApi(endpoint=endpoint, token=token, library_name="weightx")
     message = commit_message or default_commit_message(record)

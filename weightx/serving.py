@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from weightx.errors import InputError
-from weightx.formats import DECODERS
+from weightx.formats import CODEC_PARAMS, DECODERS
 from weightx.io.artifact import ArtifactReader
 from weightx.io.safetensors import MappedFile
 from weightx.io.sources import resolve
@@ -59,7 +59,7 @@ class DeltaArtifact:
     def decode(self, name: str, device: torch.device | str | None = None) -> torch.Tensor:
         """The dense float32 delta δ̂ of one compressed tensor."""
         entry = self.codecs[name]
-        params = {k: v for k, v in entry.items() if k not in ("codec", "shape", "dtype")}
+        params = {k: v for k, v in entry.items() if k in CODEC_PARAMS[entry["codec"]]}
         parts = {k: v.to(device) if device is not None else v for k, v in self.parts[name].items()}
         return DECODERS[entry["codec"]](parts, tuple(entry["shape"]), **params)
 

@@ -4,7 +4,7 @@ Yu et al., "Language Models are Super Mario: Absorbing Abilities from Homologous
 Lunch" (arXiv 2311.03099): drop each delta entry with probability p and rescale the survivors by
 1/(1 − p), so E[δ̃] = δ and Var[δ̃ᵢ] = δᵢ²·p/(1 − p).
 
-Tang et al., "A Unified View of Delta Parameter Editing" (arXiv 2410.13841, §5.2 of METHODS.md):
+Tang et al., "A Unified View of Delta Parameter Editing" (arXiv 2410.13841):
 a random fraction p is multiplied by k and the rest by (1 − k·p)/(1 − p); the expected factor is
 still 1. k = 0 is DARE, k = 1 the identity.
 

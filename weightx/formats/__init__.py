@@ -18,5 +18,7 @@ VERSION = 1
 SUFFIXES = ("packed", "mask", "scale")  # every part name a codec may store, as `W.<suffix>`
 
 DECODERS: dict[str, Callable[..., torch.Tensor]] = {"bitdelta": bitdelta.decode_parts, "ternary": ternary.decode_parts}
+# The parameters each codec records per tensor in weightx.json (besides codec, shape, dtype, stats).
+CODEC_PARAMS: dict[str, tuple[str, ...]] = {"bitdelta": ("bits", "group"), "ternary": ("k",)}
 
-__all__ = ["DECODERS", "ENCODING", "VERSION", "SUFFIXES"]
+__all__ = ["CODEC_PARAMS", "DECODERS", "ENCODING", "VERSION", "SUFFIXES"]

@@ -1,6 +1,6 @@
 """Bit packing for compressed deltas: bit-planes and Elias–Fano coded positions, all in uint8.
 
-Layout (the delta-artifact contract, DESIGN.md): 8 booleans per byte, **LSB first, along the last
+Layout (the delta-artifact contract, docs/artifact-format.md): 8 booleans per byte, **LSB first, along the last
 dimension**. Element `8·i + j` of a row is bit `j` (value `1 << j`) of byte `i` of that row. A row
 whose length is not a multiple of 8 is padded with zero bits, so every row starts on a byte
 boundary and `unpack_bits(pack_bits(b), n)` gives `b` back for any `n`.

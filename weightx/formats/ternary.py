@@ -84,6 +84,8 @@ def deternarize(signs: torch.Tensor, positions: torch.Tensor, scale: torch.Tenso
     out = torch.zeros(n, dtype=torch.float32, device=dev)
     if k:
         pos = ef_decode(positions, n, k).to(dev)
+        if int(pos[-1]) >= n or bool((pos[1:] < pos[:-1]).any()):  # a damaged code must not write elsewhere
+            raise ValueError(f"corrupt position code: positions out of order or past {n}")
         positive = unpack_bits(signs, k).to(dev)
         a = scale.reshape(())
         out[pos] = torch.where(positive, a, -a)

@@ -24,11 +24,15 @@ from typing import TYPE_CHECKING
 import torch
 
 from weightx.errors import InputError
-from weightx.formats import DECODERS, ENCODING, SUFFIXES, VERSION
+from weightx.formats import CODEC_PARAMS, DECODERS, ENCODING, SUFFIXES, VERSION
+from weightx.formats.bitdelta import part_specs as bitdelta_parts
+from weightx.formats.ternary import part_specs as ternary_parts
 from weightx.io.provenance import cached_sha256
 from weightx.io.safetensors import DTYPES, MappedFile, TensorInfo, itemsize
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from weightx.io.sources import Source
 
 CACHED_TENSORS = 3  # decoded tensors an artifact reader keeps while the engine's blocks are in flight
@@ -74,21 +78,16 @@ class ArtifactReader:
         if not isinstance(delta.get("version"), int) or delta["version"] > VERSION:
             raise InputError(f"{where}: delta encoding version {delta.get('version')!r} is newer than this weightx reads ({VERSION}); upgrade weightx")
         self.root = src.root
-        self.base: dict = delta.get("base") or {}
+        base, tensors = delta.get("base", {}), delta.get("tensors", {})
+        if not isinstance(base, dict) or not isinstance(tensors, dict) or not isinstance(delta.get("model"), (str, type(None))):
+            raise InputError(f"{where}: the delta record's base, model or tensors field has the wrong type; the artifact is damaged, re-download it")
+        self.base: dict = base
         self.model: str | None = delta.get("model")
         self.codecs: dict[str, dict] = {}
         self.raw_map = dict(src.weight_map)
         self.headers = src.headers
-        decoders = DECODERS
-        for name, entry in (delta.get("tensors") or {}).items():
-            if not isinstance(entry, dict) or entry.get("codec") not in decoders:
-                raise InputError(f"{where}: tensor {name!r} has unknown codec {entry.get('codec') if isinstance(entry, dict) else entry!r}; upgrade weightx")
-            if entry.get("dtype") not in DTYPES or not isinstance(entry.get("shape"), list):
-                raise InputError(f"{where}: tensor {name!r} has no valid shape/dtype record; the artifact is damaged")
-            for sfx in ("packed", "scale"):
-                if f"{name}.{sfx}" not in self.raw_map:
-                    raise InputError(f"{src.root}: compressed tensor {name!r} lacks its {sfx} part; the artifact is incomplete, re-download it")
-            self.codecs[name] = entry
+        for name, entry in tensors.items():
+            self.codecs[name] = self._checked(where, name, entry)
         self.virtual = {
             name: TensorInfo(name, e["dtype"], tuple(e["shape"]), 0, math.prod(e["shape"]) * itemsize(e["dtype"]))
             for name, e in self.codecs.items()
@@ -97,6 +96,37 @@ class ArtifactReader:
         self._lock = threading.Lock()
         self._maps_lock = threading.Lock()
         self._cache: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+
+    def _checked(self, where: Path, name: str, entry: object) -> dict:
+        """One compressed tensor's record, checked against the codec and the part headers before use."""
+        if not isinstance(entry, dict) or entry.get("codec") not in DECODERS:
+            raise InputError(f"{where}: tensor {name!r} has unknown codec {entry.get('codec') if isinstance(entry, dict) else entry!r}; upgrade weightx")
+        shape = entry.get("shape")
+        if (entry.get("dtype") not in DTYPES or not isinstance(shape, list) or not shape
+                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in shape)
+                or math.prod(shape) >= 1 << 62):
+            raise InputError(f"{where}: tensor {name!r} has no valid shape/dtype record; the artifact is damaged, re-download it")
+        codec, n = entry["codec"], math.prod(shape)
+        params = {k: v for k, v in entry.items() if k in CODEC_PARAMS[codec]}
+        if codec == "bitdelta":
+            ok = params.get("bits") in range(1, 9) and params.get("group") in ("tensor", "row") and not isinstance(params.get("bits"), bool)
+            specs = bitdelta_parts(tuple(shape), params["bits"], params["group"]) if ok else {}
+        else:
+            k = params.get("k")
+            ok = isinstance(k, int) and not isinstance(k, bool) and 0 <= k <= n
+            specs = ternary_parts(tuple(shape), k) if ok else {}
+        if not ok:
+            raise InputError(f"{where}: tensor {name!r} has invalid {codec} parameters {params}; the artifact is damaged, re-download it")
+        for sfx, (dtype, part_shape) in specs.items():
+            key = f"{name}.{sfx}"
+            shard = self.raw_map.get(key)
+            if shard is None:
+                raise InputError(f"{self.root}: compressed tensor {name!r} lacks its {sfx} part; the artifact is incomplete, re-download it")
+            info = self.headers[shard].tensors[key]
+            if info.dtype != dtype or tuple(info.shape) != tuple(part_shape):
+                raise InputError(f"{self.root / shard}: part {key} is {info.dtype}{list(info.shape)} where {codec} with"
+                                 f" {params} stores {dtype}{list(part_shape)}; the artifact is damaged, re-download it")
+        return entry
 
     def is_compressed(self, name: str) -> bool:
         return name in self.codecs
@@ -127,9 +157,12 @@ class ArtifactReader:
     def decode(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
         """The dense float32 delta of one compressed tensor."""
         entry = self.codecs[name]
-        params = {k: v for k, v in entry.items() if k not in ("codec", "shape", "dtype")}
+        params = {k: v for k, v in entry.items() if k in CODEC_PARAMS[entry["codec"]]}
         parts = {k: v.to(device) for k, v in self.parts(name).items()}
-        return DECODERS[entry["codec"]](parts, tuple(entry["shape"]), **params)
+        try:
+            return DECODERS[entry["codec"]](parts, tuple(entry["shape"]), **params)
+        except ValueError as e:  # a part whose content is not a valid code (e.g. a corrupt mask)
+            raise InputError(f"{self.root}: compressed tensor {name!r} cannot be decoded ({e}); the artifact is damaged, re-download it") from None
 
     def decoded(self, name: str, start: int, count: int, device: torch.device) -> torch.Tensor:
         """Elements [start, start+count) of the flat decoded delta: a fresh float32 tensor on `device`.

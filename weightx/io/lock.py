@@ -11,6 +11,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,9 +31,17 @@ def output_lock(out_path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            # O_NOFOLLOW: a planted symlink is refused, never followed; O_NONBLOCK: a planted FIFO
+            # cannot hang us. Nothing is truncated until the file is known to be our own lock.
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise OutputError(f"{path} is a symbolic link where weightx keeps the output's lock; remove it") from None
             raise OutputError(f"cannot create the lock file {path}: {e.strerror or e}; check that {path.parent} is writable") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            os.close(fd)
+            raise OutputError(f"{path} is not a weightx lock file (a special file or a hard link to another file); remove it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:

@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 from weightx.errors import OutputError, UsageError
+from weightx.io.files import copyable, is_regular, open_regular
 from weightx.io.safetensors import text_problem
 
 CONFIG_FILES = (
@@ -94,6 +95,34 @@ def sweep_stale(out_path: Path, keep_resumable: bool = False) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
+def check_replaceable(out_path: Path, overwrite: bool) -> None:
+    """What may stand at the output path: nothing, an empty folder, or (with --overwrite) a previous
+    weightx output. A symlink is never followed into another folder's contents, and nothing that
+    holds the working directory or isn't ours is ever replaced."""
+    if out_path.is_symlink():
+        raise UsageError(f"{out_path} is a symbolic link; weightx writes a folder there and never replaces what a link"
+                         " points to: give the real path, or remove the link")
+    if not out_path.exists():
+        return
+    if not out_path.is_dir():
+        raise UsageError(f"{out_path} exists and is not a folder; remove it or choose another output path")
+    try:
+        empty = not any(out_path.iterdir())
+    except OSError as e:
+        raise UsageError(f"{out_path} cannot be listed ({e.strerror or e}); choose another output path") from None
+    if empty:
+        return
+    if not overwrite:
+        raise UsageError(f"{out_path} already exists; pass --overwrite to replace it, or choose another output path")
+    cwd = Path.cwd().resolve()
+    if cwd == out_path.resolve() or out_path.resolve() in cwd.parents:
+        raise UsageError(f"{out_path} holds the current directory; --overwrite never replaces it: choose another output path")
+    marker = out_path / "weightx.json"
+    if marker.is_symlink() or not is_regular(marker):
+        raise UsageError(f"{out_path} is not a weightx output (it has no weightx.json) and is not empty; --overwrite"
+                         " replaces only a previous weightx output or an empty folder: choose another output path")
+
+
 def make_temp(out_path: Path, overwrite: bool) -> Path:
     check_path(out_path)
     try:
@@ -101,10 +130,7 @@ def make_temp(out_path: Path, overwrite: bool) -> Path:
         sweep_stale(out_path, keep_resumable=True)  # first: it may put back an output a killed run had moved aside
     except OSError as e:
         raise write_failed(out_path, e) from None
-    if out_path.exists() and not overwrite:
-        raise UsageError(f"{out_path} already exists; pass --overwrite to replace it, or choose another output path")
-    if out_path.exists() and not out_path.is_dir():
-        raise UsageError(f"{out_path} exists and is not a folder; remove it or choose another output path")
+    check_replaceable(out_path, overwrite)
     tmp = out_path.parent / f".{out_path.name}{TMP_TAG}{os.getpid()}-{next(_counter)}"
     try:
         tmp.mkdir()
@@ -114,12 +140,14 @@ def make_temp(out_path: Path, overwrite: bool) -> Path:
 
 
 def copy_config(src_root: Path, dst: Path, out_dtype: str | None) -> list[str]:
+    """Copy config, tokenizer and generation files; only regular files that live in the model folder
+    (a symlink out of it, a FIFO or a device is refused in one line, before anything is copied)."""
+    names = [name for name in CONFIG_FILES if copyable(src_root / name, src_root)]
     copied = []
-    for name in CONFIG_FILES:
-        p = src_root / name
-        if p.is_file():
-            shutil.copyfile(p, dst / name)
-            copied.append(name)
+    for name in names:
+        with os.fdopen(open_regular(src_root / name), "rb") as src, open(dst / name, "wb") as out:
+            shutil.copyfileobj(src, out)
+        copied.append(name)
     cfg = dst / "config.json"
     if cfg.is_file() and out_dtype:
         try:
@@ -194,6 +222,17 @@ def finalize(tmp: Path, out_path: Path) -> None:
     else:
         os.rename(tmp, out_path)
     _fsync_dir(out_path.parent)
+
+
+def keep_beside(tmp: Path, out_path: Path) -> Path:
+    """Keep a complete but rejected candidate next to the output it must not replace; its new path."""
+    for n in itertools.count(1):
+        beside = out_path.parent / f"{out_path.name}.rejected{'' if n == 1 else f'-{n}'}"
+        if not beside.exists() and not beside.is_symlink():
+            os.rename(tmp, beside)
+            _fsync_dir(out_path.parent)
+            return beside
+    raise AssertionError("unreachable")
 
 
 def discard(tmp: Path) -> None:

@@ -14,6 +14,8 @@ import os
 import threading
 from pathlib import Path
 
+from weightx.io.files import is_regular, open_regular
+
 CHUNK = 8 << 20
 
 
@@ -69,7 +71,7 @@ def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     buf = bytearray(CHUNK)
     view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
+    with os.fdopen(open_regular(path), "rb", buffering=0) as f:
         while n := f.readinto(buf):
             h.update(view[:n])
     return h.hexdigest()
@@ -111,8 +113,8 @@ def prehash_recipe(recipe: str | Path) -> None:
             if isinstance(v, yaml.ScalarNode) and v.value:
                 where = path.parent / os.path.expanduser(v.value)
                 if where.is_dir():
-                    files += sorted(where.glob("*.safetensors"))
-                elif where.suffix == ".safetensors" and where.is_file():
+                    files += sorted(p for p in where.glob("*.safetensors") if is_regular(p))
+                elif where.suffix == ".safetensors" and is_regular(where):
                     files.append(where)
         prehash(files)
     except Exception:

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from weightx.io.direct import SequentialFile
 from weightx.errors import InputError
+from weightx.io.direct import SequentialFile
+from weightx.io.files import open_regular
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 
@@ -76,7 +77,7 @@ def read_header(path: str | Path) -> Header:
     """Parse and validate a .safetensors header; raise InputError naming the file and the problem."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(open_regular(path), "rb") as f:  # never blocks on a FIFO named *.safetensors
             size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
@@ -180,7 +181,7 @@ class MappedFile:
 
     def __init__(self, header: Header):
         self.header = header
-        with open(header.path, "rb") as f:
+        with os.fdopen(open_regular(header.path), "rb") as f:
             size = os.fstat(f.fileno()).st_size
             # ACCESS_COPY gives a writable buffer (so torch.frombuffer doesn't warn) whose pages
             # stay shared with the page cache as long as nobody writes to them; we never do.

@@ -15,6 +15,7 @@ from typing import Any
 
 from weightx.errors import InputError, InputNotFoundError
 from weightx.io.artifact import attach_artifact, is_artifact_meta
+from weightx.io.files import read_regular
 from weightx.io.safetensors import Header, TensorInfo, name_problem, read_header
 from weightx.io.staging import PICKLE_INDEX, refusal, stage, weight_pickles
 
@@ -76,7 +77,7 @@ def _read_index(index: Path) -> dict:
     try:
         if index.stat().st_size > MAX_JSON_BYTES:
             raise ValueError
-        doc = json.loads(index.read_text(encoding="utf-8"))
+        doc = json.loads(read_regular(index).decode("utf-8"))
         weight_map_raw = doc["weight_map"]
         if not isinstance(weight_map_raw, dict):
             raise TypeError
@@ -128,9 +129,12 @@ def _from_folder(alias: str, spec: str, root: Path, allow_pickle: bool = False) 
         try:
             if wx.stat().st_size > MAX_JSON_BYTES:
                 raise ValueError
-            meta = json.loads(wx.read_text(encoding="utf-8"))
+            meta = json.loads(read_regular(wx).decode("utf-8"))
         except (OSError, ValueError, RecursionError):
             raise InputError(f"{wx}: unreadable weightx.json; the folder may be from an interrupted run") from None
+        if not isinstance(meta, dict) or not isinstance(meta.get("output", {}), dict):
+            raise InputError(f"{wx}: weightx.json is not a weightx record (not an object, or its output field is not);"
+                             " the folder is damaged, re-download it")
     src = Source(alias, spec, "local", root, headers, weight_map, weightx_meta=meta)
 
     if is_artifact_meta(meta):

@@ -71,6 +71,7 @@ class Plan:
     shards: tuple[ShardPlan, ...]
     notes: tuple[str, ...] = ()
     distill_data: Path | None = None  # BitDelta distillation's calibration file, resolved
+    recipe_dir: Path | None = None  # the recipe file's folder: relative paths are taken (and recorded) from it
 
     def with_tensors(self, tensors: list[TensorPlan]) -> Plan:
         """A new plan with these tensor entries and the shard layout they give."""

@@ -6,6 +6,7 @@ a user fixes a recipe in one round trip instead of one error per run.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from weightx.errors import InputError, InputNotFoundError, PlanError, UsageError
@@ -41,11 +42,18 @@ def build_plan(recipe: Recipe, output: str | Path | None = None, recipe_dir: Pat
     out = output or recipe.output.path
     if not out:
         raise UsageError("output.path is not set: add `output: {path: ...}` to the recipe or pass --output PATH")
-    out_path = Path(out).expanduser().resolve()
+    # The parent is resolved, the last component is not: a symlinked output path is refused when
+    # the run starts (io.output.check_replaceable), never followed into another folder.
+    absolute = Path(os.path.abspath(Path(out).expanduser()))
+    out_path = absolute.parent.resolve() / absolute.name if absolute.name else absolute
+    if not absolute.name:
+        raise UsageError(f"output.path {out} is the file system root; choose a folder for the output")
     sources = resolve_sources(recipe, recipe_dir)
     problems: list[str] = []
     notes: list[str] = []
 
+    if recipe_dir is not None and _inside(Path(os.path.abspath(recipe_dir)).resolve(), out_path):
+        problems.append(f"output.path {out_path} holds the recipe's own folder ({recipe_dir}); write elsewhere")
     for alias, src in sources.items():
         root = src.root if src.kind != "file" else next(iter(src.headers.values())).path
         if _inside(out_path, root):
@@ -103,7 +111,8 @@ def build_plan(recipe: Recipe, output: str | Path | None = None, recipe_dir: Pat
         notes.append(f"'{recipe.config_from}' has no config.json: the output will hold weights only")
     if problems:
         raise PlanError(problems)
-    return Plan(recipe, sources, out_path, tuple(tensors), tuple(split_shards(tensors, recipe.output.shard_bytes)), tuple(notes), distill_data)
+    return Plan(recipe, sources, out_path, tuple(tensors), tuple(split_shards(tensors, recipe.output.shard_bytes)), tuple(notes),
+                distill_data, recipe_dir)
 
 
 def render_plan(plan: Plan) -> str:

@@ -8,6 +8,7 @@ pre-run phases from the run state. A wrong artifact base is refused here, now th
 from __future__ import annotations
 
 import datetime as _dt
+import os
 from pathlib import Path
 
 from weightx.version import __version__
@@ -20,6 +21,36 @@ from weightx.pipeline.compression import compression_summary
 from weightx.pipeline.compute import TensorStats
 from weightx.pipeline.plan import Plan
 from weightx.pipeline.state import RunState
+
+
+def portable(record: dict, recipe_dir: Path | None = None) -> dict:
+    """The record with local paths that say nothing about the user's machine: an absolute path
+    becomes relative to the recipe's folder (or the working directory) when inside it, else the
+    file or folder name alone; the sha256 beside it still identify every input. Any other mention
+    of the home folder becomes `~`. Hub ids and relative paths stay as written."""
+    home = os.path.expanduser("~")
+    bases = [b.resolve() for b in (recipe_dir, Path.cwd()) if b is not None]
+
+    def short(text: str) -> str:
+        p = Path(os.path.expanduser(text))
+        for base in bases:
+            if p == base or base in p.parents:
+                return p.relative_to(base).as_posix() or "."
+        return p.name or text
+
+    def clean(x: object) -> object:
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [clean(v) for v in x]
+        if isinstance(x, str):
+            if x.startswith(("/", "~")) and "\n" not in x:
+                return short(x)
+            if home not in ("", "/") and home in x:
+                return x.replace(home, "~")
+        return x
+
+    return clean(record)  # type: ignore[return-value]
 
 
 def dtype_name(code: str) -> str:
@@ -70,7 +101,7 @@ def write_record(plan: Plan, tmp: Path, stats: dict[str, TensorStats], hashes: d
     if r.output.format == "delta":
         doc["delta"] = delta_record(plan, doc["inputs"], stats, state)
     doc.update(state.record_sections())  # "distill", "ternary_global"
-    return doc
+    return portable(doc, plan.recipe_dir)
 
 
 def delta_record(plan: Plan, inputs: dict, stats: dict[str, TensorStats], state: RunState) -> dict:

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 
 from weightx.errors import RankFailed, WeightxError
-from weightx.io.output import discard, finalize, write_failed, write_json
+from weightx.io.output import discard, finalize, keep_beside, write_failed, write_json
 from weightx.io.provenance import Hasher
 from weightx.pipeline.card import render_card
 from weightx.pipeline.compute import TensorStats, pick_device
@@ -96,8 +96,13 @@ def _distill(plan: Plan, dev: torch.device, ranks: Dist, state: RunState) -> Non
             state.learn(e, {k: v.to(dev) for k, v in learned.items()}, "distill", record)
 
 
-def execute(plan: Plan, *, device: str = "auto", overwrite: bool = False, progress: bool | None = None) -> ApplyResult:
-    """Run a plan to a finished output folder; under torchrun, each rank writes its share of shards."""
+def execute(plan: Plan, *, device: str = "auto", overwrite: bool = False, progress: bool | None = None,
+            accept: Callable[[Path], bool] | None = None) -> ApplyResult:
+    """Run a plan to a finished output folder; under torchrun, each rank writes its share of shards.
+
+    `accept(folder)` (rank 0; validation and its gates) sees the complete candidate before it
+    replaces anything: a rejected candidate never replaces a previous output, it is kept beside it
+    (`result.extra["rejected"]`); with no previous output it becomes the output, marked as it is."""
     t0 = time.perf_counter()
     ranks = detect()
     dev = pick_device(device)
@@ -133,6 +138,7 @@ def execute(plan: Plan, *, device: str = "auto", overwrite: bool = False, progre
     finally:
         close_bar()
     doc: dict = {}
+    final, accepted = plan.out_path, True
     try:
         if not ranks.all_ok(error is None):
             if ranks.is_main and not isinstance(error, KeyboardInterrupt):  # Ctrl-C keeps finished shards to resume
@@ -153,7 +159,12 @@ def execute(plan: Plan, *, device: str = "auto", overwrite: bool = False, progre
                 (tmp / "README.md").write_text(render_card(plan, doc), encoding="utf-8")  # from the record: has the hashes
                 write_json(tmp / "weightx.json", doc)  # last: its presence marks the folder complete
                 clear(tmp)
-                finalize(tmp, plan.out_path)
+                accepted = accept is None or accept(tmp)  # decided before the swap
+                if accepted or not plan.out_path.exists():
+                    finalize(tmp, plan.out_path)
+                    final = plan.out_path
+                else:
+                    final = keep_beside(tmp, plan.out_path)
             except BaseException as e:
                 discard(tmp)
                 raise _user_error(e, plan.out_path, tmp)
@@ -163,10 +174,12 @@ def execute(plan: Plan, *, device: str = "auto", overwrite: bool = False, progre
     finally:
         ranks.close()
         held.close()
-    result = ApplyResult(plan.out_path, plan.total_size, [s.filename for s in plan.shards], doc.get("tensors", {}),
+    result = ApplyResult(final, plan.total_size, [s.filename for s in plan.shards], doc.get("tensors", {}),
                          doc.get("seconds", round(time.perf_counter() - t0, 3)), plan)
     if adopted:
         result.extra["resumed"] = sorted(adopted)
+    if not accepted:
+        result.extra["rejected"] = final != plan.out_path  # True: kept beside the untouched previous output
     return result
 
 

@@ -1,4 +1,4 @@
-"""The recipe layer: DESIGN.md's YAML as typed models, its sweep and gate grammar."""
+"""The recipe layer: the recipe YAML (docs/recipe.md) as typed models, its sweep and gate grammar."""
 
 from weightx.recipe.model import DeltaSpec, OutputSpec, PushSpec, Recipe, ValidateSpec, load_recipe, parse_size
 

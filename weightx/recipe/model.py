@@ -1,4 +1,4 @@
-"""The recipe: DESIGN.md's YAML, as typed pydantic models that are also the Python API.
+"""The recipe: the recipe YAML (docs/recipe.md), as typed pydantic models that are also the Python API.
 
 `load_recipe` reads YAML safely, applies `--set` overrides, and validates everything in one pass,
 reporting every problem (with its location) in a single `RecipeError`.

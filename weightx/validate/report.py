@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from weightx.errors import GateFailed, InputError, UsageError
 from weightx.io.sources import resolve
 from weightx.pipeline.card import refresh_card
+from weightx.pipeline.record import portable
 from weightx.recipe.gates import GateResult, check, parse_gate
 from weightx.validate.runner import EvalSettings, evaluate, load_model, settings_for, stored_dtype, summarize, task_order, torch_device, torch_dtype
 from weightx.validate.sweep import run_sweep
@@ -33,10 +34,14 @@ if TYPE_CHECKING:
     from weightx.validate.tasks import LoadedTasks
 
 
-def gate_failed(validation: "Validation", path: Path | None = None) -> GateFailed:
-    """The error for a failed `require` gate: the output is kept, marked `validation.passed: false`."""
+def gate_failed(validation: "Validation", path: Path | None = None, previous: Path | None = None) -> GateFailed:
+    """The error for a failed `require` gate. The candidate is kept, marked `validation.passed: false`:
+    as the output when there was none, else beside the `previous` output, which is left untouched."""
     failed = "; ".join(g.message(validation.output_label) for g in validation.gates if not g.passed)
     where = f"; {path} is kept but marked validation.passed=false in weightx.json, so it will not be pushed" if path else ""
+    if previous is not None:
+        where = (f"; the previous output {previous} is unchanged; the candidate is kept beside it at {path}, marked"
+                 " validation.passed=false in weightx.json, so it will not be pushed")
     err = GateFailed(f"validation failed: {failed}{where}")
     err.validation = validation  # type: ignore[attr-defined]
     return err
@@ -139,9 +144,9 @@ def write_record(folder: Path, validation: Validation, sweep: "SweepOutcome | No
     """Add the validation (and sweep) to `folder/weightx.json` atomically, then refresh the card."""
     path = folder / "weightx.json"
     doc = json.loads(path.read_text(encoding="utf-8"))
-    doc["validation"] = validation.as_record()
+    doc["validation"] = portable(validation.as_record())  # no local paths of compared models or tasks
     if sweep is not None:
-        doc["sweep"] = sweep.as_record()
+        doc["sweep"] = portable(sweep.as_record())
     tmp = folder / f".weightx.json.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(doc, f, indent=2, ensure_ascii=False)

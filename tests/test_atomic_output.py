@@ -25,6 +25,7 @@ def bigger(tmp_path_factory):
                              dtype=__import__("torch").float32, max_shard_size="20MB")
 
 
+@pytest.mark.slow
 def test_sigkill_mid_write_leaves_nothing(bigger, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", expo_recipe(bigger["sft"], bigger["dpo"], tmp_path / "out", 0.3, shard_size="10MB"))
     rng = random.Random(0)

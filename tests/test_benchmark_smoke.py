@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "benchmarks" / "run.py"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_tiny_expo_benchmark_reports_weightx(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"

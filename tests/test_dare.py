@@ -261,6 +261,7 @@ def test_recipe_rejects_drop_outside_0_1(drop):
     assert "deltas.0.edits.0.dare.drop" in msg and "0 <= drop < 1" in msg
 
 
+@pytest.mark.slow
 def test_cli_bad_drop_is_one_line_exit_2(tmp_path):
     doc = {"models": {"a": "x", "b": "y"}, "base": "a", "output": {"path": str(tmp_path / "o")},
            "deltas": [{"model": "b", "edits": [{"dare": {"drop": 1}}]}]}

@@ -42,6 +42,7 @@ def same_bits(a: dict, b: dict) -> list[str]:
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("edits", [
     [{"bitdelta": {}}],
     [{"ternary": {"density": 0.2}}],
@@ -61,6 +62,7 @@ def test_reconstruction_equals_dense_output_bit_for_bit(family, tmp_path, edits)
     assert same_bits(load_state_dict(dense.path), load_state_dict(tmp_path / "rec2")) == []
 
 
+@pytest.mark.slow
 def test_float32_round_trip_is_exact(tmp_path):
     from weightx.testing import make_related_pair
 
@@ -142,6 +144,7 @@ def _sparse_checkpoint(folder: Path, dtype: str = "F16") -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_paper_size_formula_on_a_llama2_7b_shaped_plan(tmp_path):
     """METHODS §8 BitDelta 7: Σ numel/8 + 4·#matrices + fp16 bytes of the rest = 1,334,322,048 bytes
     (1.243 GiB); true ratio to the fp16 model 10.10. From headers alone."""
@@ -158,6 +161,7 @@ def test_paper_size_formula_on_a_llama2_7b_shaped_plan(tmp_path):
     assert "bitdelta on 224 tensor(s)" in r.stdout and "1/16.00 of their bf16 delta" in r.stdout
 
 
+@pytest.mark.slow
 def test_wrong_base_is_refused_in_one_line(family, tmp_path):
     api.apply(recipe(family["sft"], family["dpo"], tmp_path / "art", [{"bitdelta": {}}]))
     # A different model with the same layout: the sha256 (cached from an earlier run, or hashed
@@ -218,6 +222,7 @@ def test_artifact_cannot_be_a_base_and_delta_format_rules(family, tmp_path):
     assert "matches no tensor" in problems(nothing)
 
 
+@pytest.mark.slow
 def test_hub_base_is_recorded_with_id_revision_and_sha256(family, tmp_path):
     cache = tmp_path / "hf-cache"
     commit = make_hf_cache(cache, "tiny-org/tiny-sft", family["sft"])
@@ -237,6 +242,7 @@ def test_hub_base_is_recorded_with_id_revision_and_sha256(family, tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.slow
 def test_inspect_shows_encoding_ratio_and_scales(family, tmp_path):
     api.apply(recipe(family["sft"], family["dpo"], tmp_path / "art", [{"bitdelta": {}}]))
     art = load_state_dict(tmp_path / "art")
@@ -258,6 +264,7 @@ def test_inspect_shows_encoding_ratio_and_scales(family, tmp_path):
     assert doc["tensor_count"] == len(load_state_dict(family["dpo"]))
 
 
+@pytest.mark.slow
 def test_serving_api_applies_and_removes_deltas_exactly(family, tmp_path):
     import weightx
     from transformers import AutoModelForCausalLM
@@ -290,6 +297,7 @@ def test_serving_api_applies_and_removes_deltas_exactly(family, tmp_path):
         weightx.apply_delta(other, deltas["bit"])
 
 
+@pytest.mark.slow
 def test_bundled_compression_recipes_run_offline(tmp_path):
     """recipes/bitdelta.yaml (distilled, shortened here), ternary.yaml and materialize.yaml on examples/tiny."""
     art = tmp_path / "bitdelta"
@@ -320,6 +328,7 @@ def test_serving_fixups_restore_every_bit_pattern():
     assert torch.equal(back.view(torch.int16), base.view(torch.int16))
 
 
+@pytest.mark.slow
 def test_reconstruction_with_many_blocks_on_a_thread_pool(family, tmp_path):
     """Blocks of several compressed tensors are decoded concurrently; each must see its own tensor."""
     from safetensors.torch import load_file

@@ -117,6 +117,7 @@ def reference(inputs, tmp_path_factory) -> dict[str, Path]:
     return {k: weightx.apply(make(inputs["single"], root / k)).path for k, make in RECIPES.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(RECIPES))
 def test_two_runs_are_byte_identical(inputs, reference, tmp_path, kind):
     again = weightx.apply(RECIPES[kind](inputs["single"], tmp_path / "again")).path
@@ -125,12 +126,14 @@ def test_two_runs_are_byte_identical(inputs, reference, tmp_path, kind):
     assert shard_bytes(again) == ref
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(RECIPES))
 def test_input_sharding_and_reversed_order_give_identical_files(inputs, reference, tmp_path, kind):
     out = weightx.apply(RECIPES[kind](inputs["sharded"], tmp_path / "o")).path
     assert shard_bytes(out) == shard_bytes(reference[kind])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(RECIPES))
 def test_output_shard_size_does_not_change_any_tensor(inputs, reference, tmp_path, kind):
     out = weightx.apply(RECIPES[kind](inputs["sharded"], tmp_path / "o", shard_size="5GB")).path
@@ -138,6 +141,7 @@ def test_output_shard_size_does_not_change_any_tensor(inputs, reference, tmp_pat
     assert tensor_bytes(out) == tensor_bytes(reference[kind])
 
 
+@pytest.mark.slow
 def test_engine_block_size_does_not_change_the_output(inputs, reference, tmp_path):
     from weightx.pipeline.engine import write_shards
 
@@ -166,6 +170,7 @@ def _env(threads: int) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
 
 
+@pytest.mark.slow
 def test_one_thread_subprocess_gives_identical_files(inputs, reference, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", whole_recipe(inputs["sharded"], tmp_path / "o"))
     r = subprocess.run([sys.executable, "-m", "weightx", "apply", str(recipe)], env=_env(1),
@@ -174,6 +179,7 @@ def test_one_thread_subprocess_gives_identical_files(inputs, reference, tmp_path
     assert shard_bytes(tmp_path / "o") == shard_bytes(reference["whole"])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
                     reason="torchrun not installed")
 def test_two_processes_give_identical_files(inputs, reference, tmp_path):

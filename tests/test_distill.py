@@ -51,6 +51,7 @@ def _setup(plan):
     return edit, windows, teacher, student
 
 
+@pytest.mark.slow
 def test_only_the_scales_change_and_the_loss_decreases(family, tmp_path, calibration):
     plan = api.plan(recipe(family["sft"], family["dpo"], tmp_path / "x", {"data": str(calibration), **SHORT}))
     edit, windows, teacher, student = _setup(plan)
@@ -106,6 +107,7 @@ def test_exact_binary_delta_starts_at_its_scale_with_zero_loss(tmp_path):
     assert result.loss_before < 1e-12
 
 
+@pytest.mark.slow
 def test_apply_with_distill_writes_learned_scales_and_records_losses(family, tmp_path, calibration):
     distill = {"data": str(calibration), **SHORT}
     plain = api.apply(recipe(family["sft"], family["dpo"], tmp_path / "plain", None))

@@ -66,6 +66,7 @@ def test_assign_is_balanced_and_deterministic():
     assert assign([5], 2) == [[0], []]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["expo", "dare", "ties", "distill"])
 def test_two_gloo_processes_match_one(fams, tmp_path, kind):
     one = write_recipe(tmp_path / "one.yaml", recipe_for(kind, fams, tmp_path / "one"))
@@ -86,6 +87,7 @@ def test_two_gloo_processes_match_one(fams, tmp_path, kind):
     assert set(doc["tensors"]) == set(json.loads((tmp_path / "one" / "weightx.json").read_text())["tensors"])
 
 
+@pytest.mark.slow
 def test_two_nodes_on_loopback(fams, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", recipe_for("dare", fams, tmp_path / "nodes"))
     ref = write_recipe(tmp_path / "ref.yaml", recipe_for("dare", fams, tmp_path / "ref"))
@@ -99,6 +101,7 @@ def test_two_nodes_on_loopback(fams, tmp_path):
     assert shard_bytes(tmp_path / "nodes") == shard_bytes(tmp_path / "ref")
 
 
+@pytest.mark.slow
 def test_failing_rank_fails_everything(fams, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", recipe_for("expo", fams, tmp_path / "out"))
     p = torchrun("--standalone", "--nproc_per_node", "2", "-m", "weightx", "apply", str(recipe),

@@ -79,6 +79,7 @@ def mutate(raw: bytes, rng: random.Random) -> bytes:
     return bytes(data)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_fuzz_shard_bytes_seeded(seed_shard, tmp_path):
     rng = random.Random(9)
@@ -89,6 +90,7 @@ def test_fuzz_shard_bytes_seeded(seed_shard, tmp_path):
         _count("shard byte mutations")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_fuzz_shard_bytes_hypothesis(seed_shard, tmp_path):
     p = tmp_path / "h.safetensors"
@@ -117,6 +119,7 @@ names = st.one_of(st.text(max_size=20), st.sampled_from(["../x", "/etc/passwd", 
 headers = st.dictionaries(names, st.one_of(entries, json_values), max_size=5)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_fuzz_structured_headers(tmp_path):
     p = tmp_path / "s.safetensors"
@@ -133,6 +136,7 @@ def test_fuzz_structured_headers(tmp_path):
     run()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_fuzz_index_json(tmp_path):
     from weightx.io.sources import resolve
@@ -230,6 +234,7 @@ def load_path(p: Path) -> None:
     load_recipe(p)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_fuzz_recipe_yaml_seeded(tmp_path):
     rng = random.Random(5)
@@ -240,6 +245,7 @@ def test_fuzz_recipe_yaml_seeded(tmp_path):
         _count("recipe YAML mutations")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_fuzz_recipe_yaml_hypothesis(tmp_path):
     p = tmp_path / "h.yaml"
@@ -255,6 +261,7 @@ def test_fuzz_recipe_yaml_hypothesis(tmp_path):
     run()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_fuzz_recipe_dicts_and_overrides():
     from weightx.recipe.model import load_recipe

@@ -130,6 +130,7 @@ CORRUPT = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CORRUPT))
 def test_corrupt_shard_refused(zygote, tmp_path, case):
     mutate, needles = CORRUPT[case]
@@ -339,6 +340,7 @@ def test_pickle_refused_by_default_with_how_to_convert(zygote, tmp_path):
     assert_refused(run, out, "pytorch_model.bin", "allow_pickle: true", code=1)
 
 
+@pytest.mark.slow
 def test_allow_pickle_reads_weights_only_and_matches_safetensors(zygote, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
@@ -493,6 +495,7 @@ def test_unicode_names_that_are_fine_work_end_to_end(zygote, tmp_path):
     assert zygote.run("verify", str(out)).code == 0
 
 
+@pytest.mark.slow
 def test_output_path_not_utf8_refused(tmp_path):
     """A path with undecodable bytes (surrogate-escaped by Python) cannot be recorded: refused, one line."""
     import weightx

@@ -71,6 +71,7 @@ def test_every_user_error_is_also_a_standard_exception():
     assert issubclass(errors.InputNotFoundError, FileNotFoundError) and issubclass(errors.PlanError, ValueError)
 
 
+@pytest.mark.slow
 def test_plan_cli_prints_counts_sizes_shards(family, tmp_path):
     doc = expo_recipe(family["sft"], family["dpo"], tmp_path / "out", 0.3, shard_size="100KB")
     doc["deltas"][0]["edits"].append({"scale": {"factor": 2.0, "include": ["*norm*"]}})
@@ -83,6 +84,7 @@ def test_plan_cli_prints_counts_sizes_shards(family, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_dry_run_writes_nothing(family, tmp_path):
     r = run_cli("apply", str(write_recipe(tmp_path / "r.yaml", expo_recipe(family["sft"], family["dpo"], tmp_path / "out"))), "--dry-run")
     assert r.returncode == 0 and "plan for" in r.stdout

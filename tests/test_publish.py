@@ -122,6 +122,7 @@ def test_pushed_card_metadata_parses_back(hub, out):
     assert hub.requests("POST", r"^/api/validate-yaml$")  # the client had the server check the front matter
 
 
+@pytest.mark.slow
 def test_multipart_upload_of_large_files(hub, out):
     hub.state.multipart_threshold, hub.state.chunk_size = 50_000, 32_768
     hub.fail("PUT", r"^/lfs/parts/.*/2$", 503, times=1)  # one part fails once: only that part is re-sent
@@ -133,6 +134,7 @@ def test_multipart_upload_of_large_files(hub, out):
     assert not hub.requests("PUT", r"^/lfs/objects/")
 
 
+@pytest.mark.slow
 def test_failed_push_resumes_without_resending_uploaded_files(hub, out):
     hub.fail("POST", r"/commit/", 500)  # uploads succeed, the commit never does
     with pytest.raises(PushError, match=r"kept failing \(500\) after 3 attempt"):
@@ -146,6 +148,7 @@ def test_failed_push_resumes_without_resending_uploaded_files(hub, out):
     assert hub.commit_paths("alice/tiny-expo") >= set(local_files(out))
 
 
+@pytest.mark.slow
 def test_second_push_to_the_same_repo(hub, hub_cache, out, tmp_path):
     push(out, repo="alice/tiny-expo", endpoint=hub.url)
     first = hub.head("alice/tiny-expo").oid
@@ -162,6 +165,7 @@ def test_second_push_to_the_same_repo(hub, hub_cache, out, tmp_path):
     assert len(hub.requests("POST", r"^/api/repos/create$")) == 3
 
 
+@pytest.mark.slow
 def test_revision_branch_is_created(hub, out):
     push(out, repo="team/tiny-expo", revision="dev", commit_message="try dev", endpoint=hub.url)
     assert hub.commit_paths("team/tiny-expo", "main") == {".gitattributes"}
@@ -170,6 +174,7 @@ def test_revision_branch_is_created(hub, out):
     push(out, repo="team/tiny-expo", revision="dev", endpoint=hub.url)  # branch exists now: fine
 
 
+@pytest.mark.slow
 def test_private_repo(hub, out):
     push(out, repo="alice/secret", private=True, endpoint=hub.url)
     assert hub.state.repos["alice/secret"].private
@@ -178,6 +183,7 @@ def test_private_repo(hub, out):
         push(out, repo="alice/public", private=True, endpoint=hub.url)
 
 
+@pytest.mark.slow
 def test_recorded_push_block_supplies_the_defaults(hub, hub_cache, tmp_path):
     import weightx
 
@@ -194,6 +200,7 @@ def test_recorded_push_block_supplies_the_defaults(hub, hub_cache, tmp_path):
 # ------------------------------------------------------------------------ dry run
 
 
+@pytest.mark.slow
 def test_dry_run_lists_files_and_makes_no_network_call(hub, out, monkeypatch):
     monkeypatch.delenv("HF_TOKEN")
     r = push(out, repo="alice/tiny-expo", dry_run=True, endpoint=hub.url)
@@ -210,6 +217,7 @@ def test_dry_run_lists_files_and_makes_no_network_call(hub, out, monkeypatch):
 # ------------------------------------------------------------------------ refusals
 
 
+@pytest.mark.slow
 def test_refuses_an_incomplete_output(hub, out):
     (out / "weightx.json").unlink()
     with pytest.raises(PushError, match="not a finished weightx output"):
@@ -231,6 +239,7 @@ def test_refuses_a_failed_validation_unless_forced(hub, out):
     assert (out / "README.md").read_text() == card  # and the folder keeps the card that was pushed
 
 
+@pytest.mark.slow
 def test_refuses_without_a_token(hub, out, monkeypatch):
     monkeypatch.delenv("HF_TOKEN")
     with pytest.raises(PushError, match="no Hugging Face token"):
@@ -238,6 +247,7 @@ def test_refuses_without_a_token(hub, out, monkeypatch):
     assert hub.state.log == []
 
 
+@pytest.mark.slow
 def test_refuses_offline_mode_and_bad_repo_ids(hub, out, monkeypatch):
     with pytest.raises(UsageError, match="namespace/name"):
         push(out, repo="just-a-name", endpoint=hub.url)
@@ -249,6 +259,7 @@ def test_refuses_offline_mode_and_bad_repo_ids(hub, out, monkeypatch):
     assert hub.state.log == []
 
 
+@pytest.mark.slow
 def test_refuses_files_that_contain_the_token(hub, out):
     (out / "notes.txt").write_text(f"token={TOKEN}\n")
     with pytest.raises(PushError, match="notes.txt contains your Hub token") as err:
@@ -259,6 +270,7 @@ def test_refuses_files_that_contain_the_token(hub, out):
 # ------------------------------------------------------------------------ Hub errors
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, expect", [
     ("401", r"rejected your token \(401 Unauthorized\).*hf auth login"),
     ("403", r"may not write to bob/x \(403 Forbidden\).*write access to the 'bob' namespace"),
@@ -297,6 +309,7 @@ def closed_port_url() -> str:
         return f"http://127.0.0.1:{s.getsockname()[1]}"  # closed when this returns: connection refused
 
 
+@pytest.mark.slow
 def test_transient_errors_are_retried_then_succeed(hub, out):
     hub.fail("POST", r"^/api/repos/create$", 503, times=2)
     hub.fail("POST", r"/commit/", 502, times=2)
@@ -308,6 +321,7 @@ def test_transient_errors_are_retried_then_succeed(hub, out):
     assert hub.commit_paths("alice/x") >= set(local_files(out))
 
 
+@pytest.mark.slow
 def test_lfs_upload_retries_inside_huggingface_hub(hub, out):
     hub.fail("PUT", r"^/lfs/objects/", 500, times=2)  # retried by the client's own backoff (~3 s)
     push(out, repo="alice/x", endpoint=hub.url, **FAST)
@@ -323,6 +337,7 @@ def cli(*args: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
                           env=env, cwd=cwd, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_push_recipe_block_and_the_planted_token_leaks_nowhere(hub, hub_cache, tmp_path):
     home = tmp_path / "hf-home"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "TRANSFORMERS_"))}

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import json
 
 from conftest import REPO, run_cli
 
 
+@pytest.mark.slow
 def test_quickstart_runs_offline(tmp_path):
     out = tmp_path / "quick"
     r = run_cli("apply", "recipes/quickstart.yaml", "--output", str(out), env={"HF_HUB_OFFLINE": "1"})

@@ -88,6 +88,7 @@ def test_yaml_alias_bomb_fails_fast(tmp_path):
         load_recipe(p)
 
 
+@pytest.mark.slow
 def test_cli_bad_recipe_one_message_exit_2(tmp_path):
     bad = dict(GOOD, colour="red", base="nope")
     bad["deltas"] = [{"model": "dpo", "edits": [{"expo": {"alpha": "x"}}, {"foo": {}}]}]
@@ -100,6 +101,7 @@ def test_cli_bad_recipe_one_message_exit_2(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("content, needle", [("models: [", "invalid YAML"), ("- just a list", "YAML mapping")])
 def test_cli_malformed_yaml(tmp_path, content, needle):
     p = tmp_path / "r.yaml"
@@ -108,6 +110,7 @@ def test_cli_malformed_yaml(tmp_path, content, needle):
     assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_cli_missing_recipe_file(tmp_path):
     r = run_cli("apply", str(tmp_path / "nope.yaml"))
     assert r.returncode == 2 and "Traceback" not in r.stderr

@@ -66,6 +66,7 @@ def assert_one_error_line(run, *needles: str) -> str:
 # ---- verify -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_verify_ok_then_detects_tampering(zygote, tmp_path):
     base, model = make_pair(tmp_path, shards=2)
     out = tmp_path / "out"
@@ -112,6 +113,7 @@ def test_lock_held_elsewhere_refuses_with_one_line(zygote, tmp_path):
     assert not lock_path(out).exists()
 
 
+@pytest.mark.slow
 def test_two_concurrent_applies_one_proceeds(zygote, medium, tmp_path):
     out = tmp_path / "out"
     r = medium_recipe(medium, tmp_path, out)
@@ -130,6 +132,7 @@ def test_two_concurrent_applies_one_proceeds(zygote, medium, tmp_path):
 # ---- full disk --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_full_disk_one_line_cleans_up_keeps_old_output(zygote, medium, tmp_path):
     out = tmp_path / "out"
     r = medium_recipe(medium, tmp_path, out)
@@ -163,6 +166,7 @@ def test_full_disk_while_writing_the_record(zygote, tmp_path):
 # ---- SIGKILL at random points -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_never_leaves_a_partial_output(zygote, medium, tmp_path):
     """Kill runs at random delays until KILLS of them died mid-run (most while writing shards); after
     every kill output.path is absent or complete and verified; the final run equals an uninterrupted one."""
@@ -221,6 +225,7 @@ def _kill_after_shards(zygote, r: Path, out: Path, want: int, *args: str) -> int
     return done
 
 
+@pytest.mark.slow
 def test_rerun_after_kill_resumes_verified_shards_byte_identical(zygote, medium, tmp_path):
     out = tmp_path / "out"
     r = medium_recipe(medium, tmp_path, out)
@@ -240,6 +245,7 @@ def test_rerun_after_kill_resumes_verified_shards_byte_identical(zygote, medium,
     assert leftovers(out) == [] and not list(out.glob(".weightx-resume*"))
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_finished_shards_for_the_rerun(zygote, medium, tmp_path):
     out = tmp_path / "out"
     r = medium_recipe(medium, tmp_path, out)
@@ -257,6 +263,7 @@ def test_ctrl_c_keeps_finished_shards_for_the_rerun(zygote, medium, tmp_path):
     assert shard_bytes(out) == shard_bytes(tmp_path / "ref") and leftovers(out) == []
 
 
+@pytest.mark.slow
 def test_resume_skips_a_tampered_shard_and_other_recipes(zygote, medium, tmp_path):
     out = tmp_path / "out"
     r = medium_recipe(medium, tmp_path, out)
@@ -297,6 +304,7 @@ def test_overwrite_is_an_atomic_exchange(tmp_path):
     assert (a / "x").read_text() == "b" and (b / "x").read_text() == "a"
 
 
+@pytest.mark.slow
 def test_output_moved_aside_by_a_killed_run_is_restored(zygote, tmp_path):
     """Fallback path (no atomic exchange): killed between its two renames, a run left out_path missing
     and the previous output in a `-old-` sibling; the next run puts it back instead of sweeping it."""
@@ -316,6 +324,7 @@ def test_output_moved_aside_by_a_killed_run_is_restored(zygote, tmp_path):
 # ---- secrets ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_hub_token_never_reaches_errors_or_outputs(zygote, tmp_path):
     token = "hf_" + "Zq9" * 12
     env = {"HF_TOKEN": token, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}

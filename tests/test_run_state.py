@@ -26,6 +26,7 @@ def _state_of(recipe: Recipe) -> list:
     return [recipe.model_dump(), recipe.__pydantic_private__, [(e.model_dump(), e.__pydantic_private__) for e in edits]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("edit", [
     {"ternary": {"density": 0.3, "scope": "global"}},
     {"bitdelta": {"distill": {"data": "CORPUS", "steps": 3, "batch_size": 2, "max_length": 32}}},

@@ -25,6 +25,7 @@ def smollm():
     return smollm.base_model(), smollm.finetuned_model()
 
 
+@pytest.mark.slow
 def test_expo_on_smollm2_validated_against_its_inputs(smollm, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import json
 
 import torch
@@ -19,6 +20,7 @@ def test_local_folder_and_single_file(family):
     assert s2.kind == "file" and set(s2.weight_map) == {n for n, f in src.weight_map.items() if f == single.name}
 
 
+@pytest.mark.slow
 def test_hub_id_resolves_from_cache_offline(family, tmp_path):
     cache = tmp_path / "hf-cache"
     commit_sft = make_hf_cache(cache, "tiny-org/tiny-sft", family["sft"])
@@ -41,6 +43,7 @@ def test_hub_id_resolves_from_cache_offline(family, tmp_path):
     assert "tiny-org/tiny-dpo" in card
 
 
+@pytest.mark.slow
 def test_missing_hub_id_one_line(tmp_path, family):
     doc = expo_recipe(family["sft"], "tiny-org/not-cached", tmp_path / "out")
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty-cache"), "HF_HOME": str(tmp_path / "hf-home")}
@@ -52,6 +55,7 @@ def test_missing_hub_id_one_line(tmp_path, family):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_index_naming_missing_shard_is_one_line(family, tmp_path):
     import shutil
 
@@ -62,6 +66,7 @@ def test_index_naming_missing_shard_is_one_line(family, tmp_path):
     assert r.returncode == 1 and "missing" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_inspect_shows_provenance(family, tmp_path):
     import weightx
 

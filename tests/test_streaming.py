@@ -72,6 +72,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 BLOCKS = (1000, 4096, 77_777, 1 << 17, N)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gathers", ["numpy", "torch"])
 @pytest.mark.parametrize("members", ["kept", "over budget: counted again"])
 @pytest.mark.parametrize("density", [0.5, 0.1, 0.013, 0.9])
@@ -97,6 +98,7 @@ def test_select_blocks_equals_the_whole_tensor_threshold(density, members, gathe
                 assert sel.before == {s: int(at_v[:s].sum()) for s, c in ranges(N, block)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zero_sign", ["positive", "majority"])
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("density", [0.5, 0.07])
@@ -127,6 +129,7 @@ def test_majority_election_is_streamed():
     assert same_bits(got, whole)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rescale", ["none", "inverse_keep", "l1"])
 @pytest.mark.parametrize("density", [0.3, 0.001])
 def test_streamed_magnitude_is_bit_identical_to_whole_tensor(rescale, density):
@@ -161,6 +164,7 @@ def _read(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "combine,edits",
     [
@@ -302,6 +306,7 @@ def test_decoded_tensors_share_one_buffer_and_never_overlap(merge_family, tmp_pa
     assert comp._arena is None and not comp._cache  # … streams without the buffer held
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
 def test_ties_peak_memory_does_not_grow_with_the_largest_tensor(tmp_path, monkeypatch):
     n = 30 << 20  # one 31.5M-element tensor: 126 MB per float32 copy

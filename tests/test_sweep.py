@@ -136,6 +136,7 @@ def swept(tmp_path_factory):
     return folder, result, written
 
 
+@pytest.mark.slow
 def test_sweep_evaluates_each_candidate_in_memory_and_writes_only_the_winner(swept):
     folder, result, written = swept
     assert result.exit_code == 0, result.output
@@ -163,6 +164,7 @@ def test_sweep_evaluates_each_candidate_in_memory_and_writes_only_the_winner(swe
     assert "← winner" in result.output and "## Sweep" in (folder / "out" / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_winner_matches_a_separate_run_of_that_value_on_disk(swept, tmp_path):
     folder, result, _ = swept
     sw = json.loads((folder / "out" / "weightx.json").read_text())["sweep"]
@@ -181,6 +183,7 @@ def test_winner_matches_a_separate_run_of_that_value_on_disk(swept, tmp_path):
         assert shard.read_bytes() == (folder / "out" / shard.name).read_bytes()
 
 
+@pytest.mark.slow
 def test_when_select_covers_every_task_the_winner_is_not_evaluated_again(tmp_path):
     recipe = tmp_path / "sweep.yaml"
     recipe.write_text(yaml.safe_dump(recipe_data(tmp_path / "out", [0.5, 2.0], tasks=["weightx_ppl"],

@@ -156,6 +156,7 @@ def test_global_scope_matches_a_flattened_numpy_reference(family, tmp_path, scal
     assert (np.abs(tau) == cut).sum() > (np.abs(tau[order[:k]]) == cut).sum()
 
 
+@pytest.mark.slow
 def test_global_and_per_tensor_agree_on_one_tensor_and_differ_on_two(family, tmp_path):
     import weightx.api as api
     from weightx.testing import load_state_dict
@@ -176,6 +177,7 @@ def test_global_and_per_tensor_agree_on_one_tensor_and_differ_on_two(family, tmp
     assert not np.array_equal(g[one[0]], t[one[0]])
 
 
+@pytest.mark.slow
 def test_global_scope_dense_output_equals_its_reconstruction(family, tmp_path):
     import weightx.api as api
     from weightx.testing import load_state_dict

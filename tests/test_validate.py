@@ -69,6 +69,7 @@ def validated(tmp_path_factory):
     return folder / "out", result
 
 
+@pytest.mark.slow
 def test_validate_runs_local_tasks_on_output_and_compare(validated):
     out, result = validated
     assert result.exit_code == 0, result.output
@@ -91,6 +92,7 @@ def test_validate_runs_local_tasks_on_output_and_compare(validated):
     assert table.rstrip().endswith("validation passed")
 
 
+@pytest.mark.slow
 def test_table_and_record_agree_with_lm_eval_itself(validated):
     out, result = validated
     doc = json.loads((out / "weightx.json").read_text())
@@ -121,6 +123,7 @@ def test_card_shows_the_results(validated):
     assert f"value: {acc}" in card
 
 
+@pytest.mark.slow
 def test_failing_gate_exits_1_names_the_gate_and_keeps_the_output(tmp_path):
     recipe = write_recipe(tmp_path, tasks=["weightx_mc"], limit=4, require={"weightx_mc/acc": ">= dpo + 2"})
     result = CliRunner().invoke(main, ["apply", str(recipe)])
@@ -150,6 +153,7 @@ def test_no_validate_skips_it(tmp_path):
     assert "validation" not in json.loads((tmp_path / "out" / "weightx.json").read_text())
 
 
+@pytest.mark.slow
 def test_weightx_eval_with_compare_and_local_task_yaml(tmp_path, monkeypatch):
     # A user's own task file, given by path, with its data next to it; run from an unrelated directory.
     tasks = tmp_path / "tasks"
@@ -179,6 +183,7 @@ def test_weightx_eval_with_compare_and_local_task_yaml(tmp_path, monkeypatch):
     assert "my_colors" in result.output
 
 
+@pytest.mark.slow
 def test_unknown_task_is_one_line_with_a_suggestion(tmp_path):
     result = CliRunner().invoke(main, ["eval", str(TINY / "dpo"), "--tasks", "weightx_smokee"])
     assert result.exit_code == 2
@@ -186,6 +191,7 @@ def test_unknown_task_is_one_line_with_a_suggestion(tmp_path):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_builtin_task_offline_fails_fast_in_one_line(tmp_path):
     """With HF_HUB_OFFLINE=1 a Hub task fails on its first attempt, naming the task; no retries."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
@@ -218,6 +224,7 @@ def test_bundled_tasks_have_absolute_data_paths_and_smoke_group(tmp_path, monkey
     assert sizes == {"weightx_mc": 40, "weightx_gen": 30, "weightx_ppl": 10}
 
 
+@pytest.mark.slow
 def test_python_api_validates_and_raises_on_a_failed_gate(tmp_path):
     import weightx
     from weightx.errors import GateFailed

@@ -14,6 +14,7 @@ class CombineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     op: str  # a Literal["name"] in each subclass
+    paper: ClassVar[str | None] = None  # the method's paper, for model cards
     elementwise: ClassVar[bool] = True
     streams: ClassVar[bool] = False  # see EditConfig.streams; `prepare(blocks, weights, ctx)`
 

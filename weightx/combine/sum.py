@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -23,6 +23,7 @@ def weighted_sum(deltas: list[torch.Tensor], weights: list[float]) -> torch.Tens
 
 class Sum(CombineConfig):
     op: Literal["sum"] = "sum"
+    paper: ClassVar[str | None] = PAPER
 
     def combine(self, deltas: list[torch.Tensor], weights: list[float], ctx: TensorContext) -> torch.Tensor:
         return weighted_sum(deltas, weights)

@@ -147,6 +147,7 @@ def prepare_ties(blocks: Blocks, n: int, weights: list[float], density: float, z
 
 class Ties(CombineConfig):
     op: Literal["ties"] = "ties"
+    paper: ClassVar[str | None] = PAPER
     density: float
     zero_sign: Literal["positive", "majority"] = "positive"
     normalize: bool = True

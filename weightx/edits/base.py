@@ -60,6 +60,7 @@ class EditConfig(BaseModel):
     include: list[str] | None = None
     exclude: list[str] | None = None
 
+    paper: ClassVar[str | None] = None  # the method's paper, for model cards
     # Glob defaults over tensor names when the recipe gives none.
     default_include: ClassVar[tuple[str, ...]] = ("*",)
     default_exclude: ClassVar[tuple[str, ...]] = ()

@@ -58,6 +58,7 @@ class Distill(BaseModel):
 
 class BitDelta(CodecEdit):
     op: Literal["bitdelta"] = "bitdelta"
+    paper: ClassVar[str | None] = PAPER
     scale_multiplier: float = 1.0
     bits: int = Field(1, ge=1, le=8)
     group: Literal["tensor", "row"] = "tensor"

@@ -134,6 +134,7 @@ def dare_l1_scale(blocks, *, drop: float, key: int, k: float) -> float | None:
 
 class Dare(EditConfig):
     op: Literal["dare"] = "dare"
+    paper: ClassVar[str | None] = PAPER
     drop: float
     rescale: Rescale = "inverse_keep"
     k: float = 0.0

@@ -7,7 +7,7 @@ With base = SFT and the aligned (DPO/RLHF) model as the delta, the output is
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -18,6 +18,7 @@ PAPER = "https://arxiv.org/abs/2404.16792"
 
 class Expo(EditConfig):
     op: Literal["expo"] = "expo"
+    paper: ClassVar[str | None] = PAPER
     alpha: float
 
     def apply(self, delta: torch.Tensor, ctx: TensorContext) -> torch.Tensor:

@@ -17,7 +17,7 @@ block is trimmed on its own (`weightx.kernels.topk.trim_block_`), bit for bit as
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import field_validator
@@ -89,6 +89,7 @@ def check_density(v: float) -> float:
 
 class Magnitude(EditConfig):
     op: Literal["magnitude"] = "magnitude"
+    paper: ClassVar[str | None] = PAPER
     density: float
     rescale: Literal["none", "inverse_keep", "l1"] = "none"
 

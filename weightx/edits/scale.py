@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -13,6 +13,7 @@ PAPER = "https://arxiv.org/abs/2212.04089"
 
 class Scale(EditConfig):
     op: Literal["scale"] = "scale"
+    paper: ClassVar[str | None] = PAPER
     factor: float
 
     def apply(self, delta: torch.Tensor, ctx: TensorContext) -> torch.Tensor:

@@ -64,6 +64,7 @@ class GlobalSelection:
 
 class Ternary(CodecEdit):
     op: Literal["ternary"] = "ternary"
+    paper: ClassVar[str | None] = PAPER
     density: float = Field(0.2, gt=0.0, le=1.0)
     scale: Literal["std", "mean_abs_kept"] = "std"
     alpha: float = 1.0

@@ -187,13 +187,25 @@ class Selection:
 Blocks = Callable[[], Iterable[tuple[int, list[torch.Tensor]]]]
 
 
+class PooledBlocks:
+    """A block source that computes its blocks, and runs a function on them, on a thread pool (the
+    engine's); `each_block` hands such a source the work instead of walking the blocks itself."""
+
+    def __call__(self, readonly: bool = False) -> Iterable[tuple[int, list[torch.Tensor]]]:
+        raise NotImplementedError
+
+    def imap(self, fn: Callable[[int, list[torch.Tensor]], T], readonly: bool = False) -> Iterator[T]:
+        raise NotImplementedError
+
+
 def each_block(blocks: Blocks, fn: Callable[[int, list[torch.Tensor]], T], readonly: bool = False) -> Iterator[T]:
     """fn(start, xs) for every block, yielded in block order. The engine's block sources compute
     the blocks and run fn on its thread pool (`.imap`); a plain callable is walked in turn. Folds
     over the results in this order are the same whatever ran them. `readonly`: fn promises not to
     modify xs, so the engine may hand over its decoded (cached) blocks without copying them."""
-    imap = getattr(blocks, "imap", None)
-    return imap(fn, readonly) if imap is not None else (fn(start, xs) for start, xs in blocks())
+    if isinstance(blocks, PooledBlocks):
+        return blocks.imap(fn, readonly)
+    return (fn(start, xs) for start, xs in blocks())
 
 
 def _mags(x: torch.Tensor) -> torch.Tensor:

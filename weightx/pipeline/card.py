@@ -11,7 +11,6 @@ push`) rewrites only such cards, so a README.md the user wrote or edited (marker
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 from pathlib import Path
@@ -19,8 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from weightx.version import __version__
+from weightx.combine import COMBINES
+from weightx.edits import COMPRESSING, EDITS
 from weightx.recipe.model import validate_recipe
+from weightx.version import __version__
 
 if TYPE_CHECKING:
     from weightx.pipeline.plan import Plan
@@ -28,24 +29,13 @@ if TYPE_CHECKING:
 # The values the Hub accepts for base_model_relation (model-card spec, "Specifying a base model":
 # https://huggingface.co/docs/hub/model-cards#specifying-a-base-model). weightx never writes "adapter".
 RELATIONS = ("adapter", "merge", "quantized", "finetune")
-# Edits whose output is a compressed (quantised) delta; with `format: delta` the artifact is a quantization.
-COMPRESSING_OPS = frozenset({"bitdelta", "ternary"})
 MARKER = "<!-- weightx:card - generated from weightx.json; `weightx push` regenerates it. Delete this line to keep your own edits. -->"
 WEIGHTX_URL = "https://github.com/weightx/weightx"
 
-PAPERS: dict[str, str | None] = {}  # op -> paper URL, filled lazily from each method module's PAPER constant
-
-
 def paper_of(op: str) -> str | None:
-    if op not in PAPERS:
-        PAPERS[op] = None
-        for pkg in ("weightx.edits", "weightx.combine"):
-            try:
-                PAPERS[op] = getattr(importlib.import_module(f"{pkg}.{op}"), "PAPER", None)
-                break
-            except ImportError:
-                continue
-    return PAPERS[op]
+    """The paper an edit or combine declares (`paper`), for the card's method list."""
+    cls = EDITS.get(op) or COMBINES.get(op)
+    return cls.paper if cls is not None else None
 
 
 # ----------------------------------------------------------------------------------- the record
@@ -119,7 +109,7 @@ def relation(record: dict) -> str | None:
     if not bases:
         return None
     compressed = bool(((record.get("delta") or {}).get("tensors"))) or bool(
-        COMPRESSING_OPS & {op for op, _ in _edit_ops(record.get("recipe") or {})})
+        COMPRESSING & {op for op, _ in _edit_ops(record.get("recipe") or {})})
     if is_delta(record) and compressed:
         return "quantized"
     return "merge" if len(bases) > 1 else "finetune"

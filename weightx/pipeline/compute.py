@@ -25,6 +25,7 @@ from weightx.edits.base import TensorContext
 from weightx.errors import InputError, UsageError
 from weightx.io.safetensors import DTYPES, MappedFile
 from weightx.io.sources import Source
+from weightx.kernels.topk import PooledBlocks
 from weightx.pipeline.plan import Plan, TensorPlan
 from weightx.pipeline.state import RunState
 
@@ -395,7 +396,7 @@ class TensorComputer:
         self.release(t)
 
 
-class _BlockSource:
+class _BlockSource(PooledBlocks):
     """The blocks of one streamed tensor, for a pre-pass (`weightx.kernels.topk.each_block`): `make(start,
     count, readonly)` computes a block's tensors (`readonly`: they may be shared, cached ones).
     Called, it yields them in turn on this thread; `imap(fn)` computes each block and applies fn

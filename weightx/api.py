@@ -70,7 +70,7 @@ def apply(
     validating = validate and r.validate_ is not None and _main_rank()
     if validating and tasks is None:
         # An unknown task or one whose data is offline stops the run before any compute.
-        tasks = load_tasks(resolve_tasks(r.validate_.tasks, recipe_dir))
+        tasks = load_tasks(resolve_tasks(r.validate_.tasks, recipe_dir, r.validate_.allow_code_tasks))
     validation = []
 
     def accept(candidate: Path) -> bool:  # runs on the complete candidate, before it replaces anything

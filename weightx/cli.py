@@ -179,8 +179,9 @@ def verify(path: str) -> None:
               help="Evaluation dtype; auto is float32 on CPU and the stored dtype on GPU.")
 @click.option("--compare", "compare", multiple=True, metavar="PATH", help="Evaluate these models too, side by side; repeatable.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results (weightx.json's validation schema) here.")
+@click.option("--allow-code-tasks", is_flag=True, help="Run task YAMLs whose !function tags import Python shipped with them.")
 def eval_(path: str, tasks: tuple[str, ...], limit: float | None, batch_size: str, device: str, num_fewshot: int | None,
-          dtype: str, compare: tuple[str, ...], json_path: str | None) -> None:
+          dtype: str, compare: tuple[str, ...], json_path: str | None, allow_code_tasks: bool) -> None:
     """Evaluate the checkpoint at PATH (a folder or Hub id) with lm-eval; same table as a recipe's validate block."""
     import json
 
@@ -189,7 +190,8 @@ def eval_(path: str, tasks: tuple[str, ...], limit: float | None, batch_size: st
     n = int(limit) if limit is not None and limit >= 1 and limit == int(limit) else limit
     settings = api.EvalSettings(limit=n, batch_size=int(batch_size) if batch_size.isdigit() else batch_size,
                             num_fewshot=num_fewshot, device=None if device == "auto" else device, dtype=dtype)
-    v = api.evaluate_paths(path, compare=list(compare), tasks=names, settings=settings, log=lambda m: click.echo(m, err=True))
+    v = api.evaluate_paths(path, compare=list(compare), tasks=names, settings=settings, log=lambda m: click.echo(m, err=True),
+                           allow_code=allow_code_tasks)
     click.echo(api.render_validation(v))
     if json_path:
         with open(json_path, "w", encoding="utf-8") as f:

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from weightx.version import __version__
 from weightx.errors import PushError, UsageError, WeightxError
 from weightx.io.files import is_regular, read_regular
 from weightx.io.lock import output_lock
@@ -33,6 +32,8 @@ from weightx.io.provenance import Hasher
 from weightx.pipeline.card import MARKER, refresh_card, render_record, summary
 from weightx.pipeline.plan import human_bytes
 from weightx.pipeline.record import portable
+from weightx.recipe.model import branch_problem, repo_id_problem
+from weightx.version import __version__
 
 if TYPE_CHECKING:
     from weightx.recipe.model import PushSpec
@@ -49,7 +50,6 @@ SAFETENSORS_HEAD = 1 << 20  # of a shard, the header region (names, metadata) is
 TOKEN_SHAPE = re.compile(rb"hf_[A-Za-z0-9]{30,}")
 TIMEOUT_S = 120.0  # a Hub read that takes longer fails the step (WEIGHTX_PUSH_TIMEOUT overrides it)
 MIN_TOKEN_LEN = 8  # shorter "tokens" are not real ones, and would match everywhere
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]{0,95}/[A-Za-z0-9][\w.\-]{0,95}$")
 
 
 @dataclass
@@ -116,15 +116,15 @@ def check_validation(record: dict, force: bool) -> None:
 def check_repo_id(repo: str | None) -> str:
     if not repo:
         raise UsageError("no target repo: pass --repo namespace/name, or add `push: {repo: ...}` to the recipe")
-    if not REPO_ID.match(repo) or "--" in repo or ".." in repo or repo.endswith((".", "-", ".git")):
-        raise UsageError(f"'{repo}' is not a Hub repo id; use namespace/name, e.g. my-user/zephyr-7b-expo")
+    if why := repo_id_problem(repo):
+        raise UsageError(why)
     return repo
 
 
 def check_revision(revision: str | None) -> str:
     rev = revision or "main"
-    if re.fullmatch(r"[0-9a-f]{40}", rev) or rev.startswith("refs/") or not re.fullmatch(r"[\w.\-/]+", rev):
-        raise UsageError(f"revision '{rev}' is not a branch name; push to a branch such as main or dev")
+    if why := branch_problem(rev):
+        raise UsageError(why)
     return rev
 
 

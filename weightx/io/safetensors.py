@@ -163,6 +163,9 @@ def _tensor_info(path: Path, name: str, entry: object, data_size: int) -> Tensor
         raise InputError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
     if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
         raise bad(f"bad shape {shape!r}")
+    if len(shape) > MAX_RANK or any(s >= MAX_DIM for s in shape) or math.prod(max(s, 1) for s in shape) >= MAX_DIM:
+        # A zero dimension beside a huge one has no bytes but a shape nothing can load or write back.
+        raise bad(f"shape {shape[:MAX_RANK + 1]}{'…' if len(shape) > MAX_RANK else ''} is beyond what any reader can hold")
     if (
         not isinstance(offsets, list) or len(offsets) != 2
         or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
@@ -176,16 +179,28 @@ def _tensor_info(path: Path, name: str, entry: object, data_size: int) -> Tensor
     return TensorInfo(name, dtype, tuple(shape), begin, end)
 
 
+MAX_DIM = 1 << 53  # every dimension, and the product of the non-zero ones, below this
+MAX_RANK = 64
+
+
 class MappedFile:
     """A private read-only-in-practice mapping of one safetensors file."""
 
     def __init__(self, header: Header):
         self.header = header
-        with os.fdopen(open_regular(header.path), "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            # ACCESS_COPY gives a writable buffer (so torch.frombuffer doesn't warn) whose pages
-            # stay shared with the page cache as long as nobody writes to them; we never do.
-            self._mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) if size else None
+        self._fd = open_regular(header.path)  # kept open: each read first checks the file was not cut short
+        self._size = os.fstat(self._fd).st_size
+        # ACCESS_COPY gives a writable buffer (so torch.frombuffer doesn't warn) whose pages
+        # stay shared with the page cache as long as nobody writes to them; we never do.
+        self._mm = mmap.mmap(self._fd, self._size, access=mmap.ACCESS_COPY) if self._size else None
+
+    def check(self) -> None:
+        """Refuse (one line) a file truncated since it was mapped: reading its lost pages would kill
+        the process with SIGBUS. One fstat per block; a cut between it and the read stays possible."""
+        now = os.fstat(self._fd).st_size
+        if now < self._size:
+            raise InputError(f"{self.header.path} was truncated while weightx read it ({self._size:,} -> {now:,} bytes);"
+                             " nothing was written: rerun once the file is complete")
 
     def tensor(self, name: str) -> torch.Tensor:
         info = self.header.tensors[name]
@@ -197,6 +212,7 @@ class MappedFile:
         if count == 0 or self._mm is None:
             return torch.empty(count, dtype=dtype)
         offset = self.header.data_start + info.begin + start * itemsize(info.dtype)
+        self.check()
         return torch.frombuffer(self._mm, dtype=dtype, count=count, offset=offset)
 
     def prefetch(self, info: TensorInfo, start: int, count: int) -> None:
@@ -217,6 +233,13 @@ class MappedFile:
                 self._mm.close()
             except BufferError:
                 pass  # a tensor still views the mapping; it is released with the last view
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:  # readers that keep mappings for their lifetime (serving, artifacts)
+        if getattr(self, "_fd", -1) >= 0:
+            os.close(self._fd)
 
 
 # ---- writing ----------------------------------------------------------------------------------

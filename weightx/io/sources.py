@@ -174,7 +174,7 @@ def _from_file(alias: str, spec: str, path: Path) -> Source:
 
 
 def looks_like_hub_id(spec: str) -> bool:
-    return bool(HUB_ID.match(spec)) and not spec.startswith((".", "/", "~"))
+    return bool(HUB_ID.fullmatch(spec)) and not spec.startswith((".", "/", "~"))
 
 
 def _from_hub(alias: str, spec: str, allow_pickle: bool = False) -> Source:

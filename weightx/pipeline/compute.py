@@ -208,6 +208,9 @@ class TensorComputer:
         del raw
         ctx = self.context(t, 0, last)
         parts = t.codec.encode(d, ctx)
+        for x in parts.values():  # a NaN/Inf delta gives a NaN scale: never stored silently
+            if x.is_floating_point() and not torch.isfinite(x.sum(dtype=torch.float32)):
+                self.nonfinite(t, 0, t.numel, x, stats)
         if stats is not None:
             target = float(torch.linalg.vector_norm(d))
             if "_dot" in parts and "_sq" in parts:  # the codec's closed form: no decode needed
@@ -359,8 +362,8 @@ class TensorComputer:
         out_dtype = DTYPES[t.out_dtype]
         out = x.to(out_dtype)
         # NaN/Inf check at one reduction per block (a sum is ~30x cheaper than isfinite().all() on
-        # CPU); fp16 is summed after rounding, which can overflow it. See weightx.io.verify.
-        if not torch.isfinite((out if out_dtype == torch.float16 else x).sum(dtype=torch.float32)):
+        # CPU), on the rounded values: a finite float32 that rounds to ±Inf in bf16/fp16 is caught.
+        if not torch.isfinite(out.sum(dtype=torch.float32)):
             self.nonfinite(t, start, count, out, stats)
         return (out if out.device.type == "cpu" else out.cpu()), part
 

@@ -6,15 +6,48 @@ a user fixes a recipe in one round trip instead of one error per run.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 from weightx.errors import InputError, InputNotFoundError, PlanError, UsageError
+from weightx.io.files import copyable, read_regular
+from weightx.io.output import CONFIG_FILES
 from weightx.io.safetensors import DTYPE_NAMES, TORCH_DTYPES
 from weightx.io.sources import Source, resolve
 from weightx.pipeline.compression import plan_compression, render_compression
 from weightx.pipeline.plan import VOCAB_NAMES, Plan, TensorPlan, human_bytes, natural_key, split_shards
 from weightx.recipe.model import Recipe
+
+
+MAX_CONFIG_BYTES = 16 << 20
+
+
+def config_problem(root: Path) -> str | None:
+    """Why `root/config.json` cannot be the output's config (one line), or None."""
+    path = root / "config.json"
+    try:
+        if not copyable(path, root):
+            return None
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            return f"{path} is larger than 16 MB; it is not a model config"
+        doc = json.loads(read_regular(path).decode("utf-8"))
+    except InputError as e:
+        return str(e)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else " ".join(str(e).split())[:120]
+        return f"{path} is not valid JSON ({why}); re-download the model or fix the file"
+    if not isinstance(doc, dict):
+        return f"{path} is not a JSON object; it is not a model config: re-download the model or fix the file"
+    return None
+
+
+def copy_problem(path: Path, root: Path) -> str | None:
+    try:
+        copyable(path, root)
+    except InputError as e:
+        return str(e)
+    return None
 
 
 def _inside(child: Path, parent: Path) -> bool:
@@ -109,6 +142,9 @@ def build_plan(recipe: Recipe, output: str | Path | None = None, recipe_dir: Pat
             notes.append(f"{len(extra)} tensor(s) of '{alias}' are not in '{recipe.config_from}' and are left out (e.g. {extra[0]})")
     if not cfg.has_config:
         notes.append(f"'{recipe.config_from}' has no config.json: the output will hold weights only")
+    else:  # found now, not after all the compute when the files are copied
+        found = [config_problem(cfg.root)] + [copy_problem(cfg.root / n, cfg.root) for n in CONFIG_FILES]
+        problems += [why for why in dict.fromkeys(found) if why]
     if problems:
         raise PlanError(problems)
     return Plan(recipe, sources, out_path, tuple(tensors), tuple(split_shards(tensors, recipe.output.shard_bytes)), tuple(notes),

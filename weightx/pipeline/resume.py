@@ -36,7 +36,8 @@ def fingerprint(plan: Any, device_type: str) -> str:
         files = {}
         for shard, header in src.headers.items():
             st = header.path.stat()
-            files[shard] = src.sha256.get(shard) or [str(header.path), st.st_size, st.st_mtime_ns]
+            # ctime and inode change on any rewrite, even one that puts size and mtime back
+            files[shard] = src.sha256.get(shard) or [str(header.path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
         inputs[alias] = files
     layout = [[s.filename, [[o.name, o.dtype, list(o.shape)] for t in s.tensors for o in t.outs]] for s in plan.shards]
     doc = {"weightx": __version__, "torch": torch.__version__, "device": device_type,

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from weightx.errors import RankFailed, WeightxError
+from weightx.errors import InputError, RankFailed, WeightxError
 from weightx.io.output import discard, finalize, keep_beside, write_failed, write_json
 from weightx.io.provenance import Hasher
 from weightx.pipeline.card import render_card
@@ -78,6 +78,18 @@ def _input_files(plan: Plan, shards: list) -> set[Path]:
     return files
 
 
+def identities(files: set[Path] | list[Path]) -> dict[Path, tuple[int, int, int, int] | None]:
+    """What tells a rewritten file apart: size, mtime, ctime (set by any write) and inode."""
+    out: dict[Path, tuple[int, int, int, int] | None] = {}
+    for p in files:
+        try:
+            st = p.stat()
+            out[p] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+        except OSError:
+            out[p] = None
+    return out
+
+
 def _distill(plan: Plan, dev: torch.device, ranks: Dist, state: RunState) -> None:
     """Train BitDelta scales once, on rank 0, and give every rank the same learned values: ranks
     distilling on their own could disagree (GPU nondeterminism) and write inconsistent shards."""
@@ -115,6 +127,7 @@ def execute(plan: Plan, *, device: str = "auto", overwrite: bool = False, progre
     needs = ranks.gather(sorted(str(p) for p in _input_files(plan, mine)))
     owners = ranks.broadcast({f: r for r in reversed(range(len(needs))) for f in needs[r]} if ranks.is_main else None)
     hasher = Hasher(sorted(Path(f) for f, r in owners.items() if r == ranks.rank))
+    before = identities(_input_files(plan, mine))
     fp = fingerprint(plan, dev.type)
     held = contextlib.ExitStack()  # rank 0's output lock; released in the last finally
     tmp_name, adopted = ranks.on_main(lambda: start_output(plan.out_path, overwrite, held, fp, {s.filename for s in plan.shards}))
@@ -133,6 +146,10 @@ def execute(plan: Plan, *, device: str = "auto", overwrite: bool = False, progre
         stats = write_shards(plan, tmp, dev, update, shards=[s for s in mine if s.filename not in adopted], on_shard=log.add, run=state)
         stats.update(log.stats({s.filename for s in mine} & set(adopted)))
         hashes = hasher.result()
+        changed = [p for p, ident in before.items() if identities([p]).get(p) != ident]
+        if changed:  # the shards mix old and new bytes, and the record's hashes describe neither
+            raise InputError(f"{changed[0]} changed while weightx read it{f' (and {len(changed) - 1} more)' if len(changed) > 1 else ''};"
+                             " nothing was written: rerun once the inputs are final")
     except BaseException as e:
         error = e
     finally:

@@ -147,6 +147,8 @@ class ValidateSpec(_Strict):
     device: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # evaluation dtype; auto: fp32 on CPU
     select: str | None = None  # a sweep's winner: "[max|min] task/metric"
+    # Local task YAMLs with `!function` tags import Python shipped next to them; refused unless true.
+    allow_code_tasks: bool = False
 
     @field_validator("require")
     @classmethod
@@ -177,11 +179,43 @@ class ValidateSpec(_Strict):
         return self
 
 
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.\-]{0,95}/[A-Za-z0-9][\w.\-]{0,95}", re.ASCII)
+
+
+def repo_id_problem(repo: str) -> str | None:
+    """Why `repo` is not a Hub repo id (namespace/name), in one line; None if it is one."""
+    if not REPO_ID.fullmatch(repo) or "--" in repo or ".." in repo or repo.endswith((".", "-", ".git")):
+        return f"{repo!r} is not a Hub repo id; use namespace/name, e.g. my-user/zephyr-7b-expo"
+    return None
+
+
+def branch_problem(rev: str) -> str | None:
+    """Why `rev` is not a branch name the Hub (git) accepts, in one line; None if it is one."""
+    if (re.fullmatch(r"[0-9a-f]{40}", rev) or rev.startswith(("refs/", "-", "/", ".")) or not re.fullmatch(r"[A-Za-z0-9_.\-/]+", rev)
+            or ".." in rev or "//" in rev or rev.endswith(("/", ".", ".lock")) or "/." in rev):
+        return f"revision {rev!r} is not a branch name; push to a branch such as main or dev"
+    return None
+
+
 class PushSpec(_Strict):
     repo: str
     private: bool = False
     revision: str | None = None
     commit_message: str | None = None
+
+    @field_validator("repo")
+    @classmethod
+    def _repo(cls, v: str) -> str:
+        if why := repo_id_problem(v):
+            raise ValueError(why)
+        return v
+
+    @field_validator("revision")
+    @classmethod
+    def _revision(cls, v: str | None) -> str | None:
+        if v is not None and (why := branch_problem(v)):
+            raise ValueError(why)
+        return v
 
 
 class Recipe(_Strict):

@@ -177,7 +177,7 @@ def validate_output(
         raise ValueError("the recipe has no validate block")
     out = Path(path or plan.out_path)
     settings = settings_for(spec, device)
-    tasks = tasks or load_tasks(resolve_tasks(spec.tasks, recipe_dir))
+    tasks = tasks or load_tasks(resolve_tasks(spec.tasks, recipe_dir, spec.allow_code_tasks))
     models = {**compare_paths(spec.compare, plan.recipe, recipe_dir), "output": out}
     preset = None
     if sweep is not None:
@@ -204,7 +204,7 @@ def run_recipe_sweep(
         p = recipe.sweep.params[0]
         raise UsageError(f"{recipe.sweep.describe()}; picking the winner needs evaluation: drop --no-validate,"
                          f" or run one value (e.g. --set {p.label}={p.values[0]})")
-    tasks = load_tasks(resolve_tasks(recipe.validate_.tasks, recipe_dir))
+    tasks = load_tasks(resolve_tasks(recipe.validate_.tasks, recipe_dir, recipe.validate_.allow_code_tasks))
     outcome = run_sweep(recipe, output=output, recipe_dir=recipe_dir, device=device, tasks=tasks, log=log)
     return outcome.best.recipe, outcome, tasks
 
@@ -223,11 +223,12 @@ def evaluate_paths(
     tasks: list[str],
     settings: EvalSettings,
     log: Callable[[str], None] = lambda m: None,
+    allow_code: bool = False,
 ) -> Validation:
     """`weightx eval`: evaluate a checkpoint (and others side by side); columns are named after the folders."""
     if not tasks:
         raise UsageError("--tasks is empty; name at least one task, e.g. --tasks weightx_smoke")
-    loaded = load_tasks(resolve_tasks(tasks, Path.cwd()))
+    loaded = load_tasks(resolve_tasks(tasks, Path.cwd(), allow_code))
     models: dict[str, Path] = {}
     for spec in [*compare, path]:
         root = _model_dir(spec, "eval")

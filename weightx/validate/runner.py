@@ -8,11 +8,13 @@ the same weights read back from disk are evaluated identically.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from weightx.io.files import read_regular
 from weightx.errors import InputError
 from weightx.pipeline.compute import pick_device
 from weightx.validate.tasks import LoadedTasks
@@ -68,6 +70,15 @@ def stored_dtype(path: Path) -> Any:
     return getattr(torch, name, None) if isinstance(name, str) else None
 
 
+def is_delta_artifact(path: Path) -> bool:
+    """A folder whose weightx.json says it holds a compressed delta (`output.format: delta`)."""
+    try:
+        doc = json.loads(read_regular(path / "weightx.json", 1 << 24).decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(doc, dict) and isinstance(doc.get("output"), dict) and doc["output"].get("format") == "delta"
+
+
 def load_model(path: str | Path, settings: EvalSettings) -> tuple[Any, Any]:
     """A model folder as (model, tokenizer) on the evaluation device, in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -75,15 +86,22 @@ def load_model(path: str | Path, settings: EvalSettings) -> tuple[Any, Any]:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise InputError(f"cannot evaluate {path}: it has no config.json (set output.config_from to a model that has its config and tokenizer)")
+    if is_delta_artifact(path):
+        raise InputError(f"cannot evaluate {path}: it is a weightx delta artifact, not a model; rebuild it on its base"
+                         " first (a recipe with the artifact under deltas, e.g. recipes/materialize.yaml) and evaluate that")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise InputError(f"cannot evaluate {path}: no usable tokenizer there ({' '.join(str(e).split())[:160]})") from None
     dtype = torch_dtype(settings, stored_dtype(path))
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
     except (OSError, ValueError, KeyError) as e:
         raise InputError(f"cannot evaluate {path}: transformers cannot load it as a causal LM ({' '.join(str(e).split())[:200]})") from None
+    missing = sorted(info.get("missing_keys") or []) + sorted(info.get("mismatched_keys") or [])
+    if missing:  # transformers would fill them with random values: no score for such a model
+        raise InputError(f"cannot evaluate {path}: {len(missing)} weight(s) the model needs are not in its files (e.g."
+                         f" {missing[0]}), so they would be random; evaluate a complete checkpoint")
     return model.to(torch_device(settings)).eval(), tokenizer
 
 

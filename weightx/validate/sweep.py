@@ -151,7 +151,7 @@ def run_sweep(
     select = parse_select(spec.select)
     settings = settings or settings_for(spec, device)
     if tasks is None:
-        tasks = load_tasks(resolve_tasks(spec.tasks, recipe_dir))
+        tasks = load_tasks(resolve_tasks(spec.tasks, recipe_dir, spec.allow_code_tasks))
     # Candidates are measured on the task that picks the winner only; the written output then gets
     # the full validate block (as ExPO picks alpha on one signal, then benchmarks the pick).
     judge = select_tasks(tasks, select.task)

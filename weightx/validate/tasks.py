@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from weightx.io.files import is_regular, read_regular
 from weightx.errors import InputError, UsageError
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -116,8 +117,27 @@ def _folder_tasks(folder: Path) -> list[str]:
     return sorted(names)
 
 
-def resolve_tasks(tasks: list[str], base_dir: Path | None = None) -> TaskSet:
-    """Turn the recipe's `tasks` into lm-eval specs: bundled names, local YAML/folder paths, built-ins."""
+MAX_SCANNED = 2000  # task YAMLs looked at for code tags in one include folder
+
+
+def code_tags(folder: Path) -> list[Path]:
+    """Task YAMLs under `folder` (which lm-eval indexes whole) that import Python when loaded:
+    `!function` tags name a function in a .py file next to them."""
+    found = []
+    for n, path in enumerate(sorted(folder.rglob("*.y*ml"))):
+        if n >= MAX_SCANNED:
+            break
+        if path.suffix in (".yaml", ".yml") and is_regular(path) and b"!function" in read_regular(path, 1 << 20):
+            found.append(path)
+    return found
+
+
+def resolve_tasks(tasks: list[str], base_dir: Path | None = None, allow_code: bool = False) -> TaskSet:
+    """Turn the recipe's `tasks` into lm-eval specs: bundled names, local YAML/folder paths, built-ins.
+
+    Local task folders can carry `!function` tags, which make lm-eval import a `utils.py` shipped
+    next to them: code from a file. They are refused unless `allow_code` (the recipe's
+    `validate.allow_code_tasks`, `weightx eval --allow-code-tasks`) says to run it."""
     bundled = bundled_configs()
     out = TaskSet([], [])
 
@@ -146,6 +166,13 @@ def resolve_tasks(tasks: list[str], base_dir: Path | None = None) -> TaskSet:
             continue
         add(name, name, "builtin")
         out.needs_builtins = True
+    if not allow_code:
+        for folder in dict.fromkeys(out.include_paths):
+            tagged = code_tags(Path(folder))
+            if tagged:
+                raise UsageError(f"task file {tagged[0]} has a !function tag, which runs Python shipped next to it;"
+                                 " read that code, then opt in with validate.allow_code_tasks: true (or"
+                                 " weightx eval --allow-code-tasks), or use a task without code")
     return out
 
 

@@ -17,10 +17,10 @@ class WeightxError(Exception):
 class _Problems:
     """An error that may carry several problems; its type never depends on how many."""
 
-    def __init__(self, problems: str | list[str], head: str = "") -> None:
+    def __init__(self, problems: str | list[str], head: str = "", prefix: str = "") -> None:
         self.problems = [problems] if isinstance(problems, str) else list(problems)
-        if len(self.problems) == 1 and not head:
-            text = self.problems[0]
+        if len(self.problems) == 1:  # one problem, one line
+            text = prefix + self.problems[0]
         else:
             n = len(self.problems)
             head = head or f"{n} problem{'s' if n != 1 else ''}:"
@@ -50,7 +50,7 @@ class InputError(_Problems, WeightxError, ValueError):
 
     def __init__(self, problems: str | list[str]):
         n = 1 if isinstance(problems, str) else len(problems)
-        super().__init__(problems, "" if n == 1 else f"{n} inputs cannot be read:")
+        super().__init__(problems, f"{n} inputs cannot be read:")
 
 
 class InputNotFoundError(InputError, FileNotFoundError):
@@ -62,7 +62,7 @@ class PlanError(_Problems, WeightxError, ValueError):
 
     def __init__(self, problems: str | list[str]):
         n = 1 if isinstance(problems, str) else len(problems)
-        super().__init__(problems, f"the recipe cannot run; {n} problem{'s' if n != 1 else ''}:")
+        super().__init__(problems, f"the recipe cannot run; {n} problems:", prefix="the recipe cannot run: ")
 
 
 class OutputError(WeightxError, OSError):

@@ -28,7 +28,10 @@ def lock_path(out_path: Path) -> Path:
 def output_lock(out_path: Path) -> Iterator[Path]:
     """Hold the output's lock for the duration of the block, or raise OutputBusyError at once."""
     path = lock_path(out_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create {path.parent} for the output: {e.strerror or e}; choose another output path") from None
     while True:
         try:
             # O_NOFOLLOW: a planted symlink is refused, never followed; O_NONBLOCK: a planted FIFO

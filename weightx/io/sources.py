@@ -102,7 +102,7 @@ def _from_folder(alias: str, spec: str, root: Path, allow_pickle: bool = False) 
         headers = {}
         for shard in sorted(shards):
             p = root / shard
-            if not p.is_file():
+            if not p.exists():
                 raise InputError(f"{index}: names shard {shard!r}, which is missing from {root}; re-download the model")
             headers[shard] = read_header(p)
         weight_map = {}
@@ -154,7 +154,7 @@ def _from_pickles(alias: str, spec: str, root: Path) -> Source:
             raise InputError(f"{root}: several pickle files ({', '.join(files[:4])}) and no {PICKLE_INDEX}; point models.{alias} at the weights file")
     headers = {}
     for f in files:
-        if not (root / f).is_file():
+        if not (root / f).exists():
             raise InputError(f"{index}: names shard {f!r}, which is missing from {root}; re-download the model")
         headers[f] = stage(root / f)
     weight_map = {}

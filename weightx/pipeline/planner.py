@@ -81,6 +81,9 @@ def build_plan(recipe: Recipe, output: str | Path | None = None, recipe_dir: Pat
     out_path = absolute.parent.resolve() / absolute.name if absolute.name else absolute
     if not absolute.name:
         raise UsageError(f"output.path {out} is the file system root; choose a folder for the output")
+    blocker = next((p for p in reversed(out_path.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UsageError(f"output.path {out_path} is under {blocker}, which is a file, not a folder; choose another output path")
     sources = resolve_sources(recipe, recipe_dir)
     problems: list[str] = []
     notes: list[str] = []

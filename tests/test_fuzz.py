@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import struct
 from pathlib import Path
 
@@ -155,6 +156,116 @@ def test_fuzz_index_json(tmp_path):
         index.write_text(json.dumps(doc))
         only_weightx_errors(resolve, "model", str(model))
         _count("index.json documents")
+
+    run()
+
+
+# ---- delta artifacts and config.json ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory) -> tuple[Path, Path, bytes, dict]:
+    """A ternary + bitdelta-shaped delta artifact of a tiny pair: (base, artifact, shard bytes, record)."""
+    import weightx
+
+    root = tmp_path_factory.mktemp("artifact")
+    base, model = make_pair(root)
+    out = root / "art"
+    weightx.apply({"models": {"base": str(base), "model": str(model)}, "base": "base",
+                   "deltas": [{"model": "model", "edits": [{"ternary": {"density": 0.3, "include": ["*up_proj*"]}}]}],
+                   "output": {"path": str(out), "format": "delta"}})
+    shard = next(out.glob("model-*.safetensors"))
+    return base, out, shard.read_bytes(), json.loads((out / "weightx.json").read_text())
+
+
+def rebuild(base: Path, art: Path) -> None:
+    """What a reconstruction does with an artifact: resolve it, check its base, decode every tensor."""
+    from weightx.io.sources import resolve
+    from weightx.pipeline.planner import build_plan
+    from weightx.recipe.model import load_recipe
+
+    src = resolve("art", str(art))
+    for name in sorted(src.artifact.codecs if src.artifact is not None else []):  # damage may make it a plain folder
+        src.artifact.decode(name)
+    build_plan(load_recipe({"models": {"base": str(base), "art": str(art)}, "base": "base", "deltas": [{"model": "art"}],
+                            "output": {"path": str(art.parent / "never-written")}}))
+
+
+def _paths(doc: object, prefix: tuple = ()) -> list[tuple]:
+    out = [prefix]
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            out += _paths(v, prefix + (k,))
+    elif isinstance(doc, list):
+        for i, v in enumerate(doc):
+            out += _paths(v, prefix + (i,))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_fuzz_artifact_record(artifact, tmp_path):
+    """weightx.json of a delta artifact with one subtree replaced by arbitrary JSON."""
+    base, art, _, good = artifact
+    work = tmp_path / "art"
+    shutil.copytree(art, work)
+    spots = [p for p in _paths(good) if p[:1] in (("delta",), ("output",))]
+
+    @FUZZ
+    @given(st.sampled_from(spots), json_values)
+    def run(where, value):
+        doc = json.loads(json.dumps(good))
+        if where:
+            node = doc
+            for key in where[:-1]:
+                node = node[key]
+            node[where[-1]] = value
+        (work / "weightx.json").write_text(json.dumps(doc))
+        only_weightx_errors(rebuild, base, work)
+        _count("artifact weightx.json")
+
+    run()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_fuzz_artifact_parts(artifact, tmp_path):
+    """Byte-level damage to the artifact's shard: headers, packed signs, positions, scales."""
+    base, art, raw, _ = artifact
+    work = tmp_path / "art"
+    shutil.copytree(art, work)
+    shard = next(work.glob("model-*.safetensors"))
+    rng = random.Random(7)
+    head = 8 + struct.unpack("<Q", raw[:8])[0]
+    for i in range(300):
+        if i % 2:  # the tensor data: positions, signs and scales, header intact
+            data = bytearray(raw)
+            for _ in range(rng.randint(1, 8)):
+                data[rng.randrange(head, len(data))] = rng.randrange(256)
+            shard.write_bytes(bytes(data))
+        else:
+            shard.write_bytes(mutate(raw, rng))
+        only_weightx_errors(rebuild, base, work)
+        _count("artifact parts")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_fuzz_config_json(tmp_path):
+    """config.json of the config_from model: any JSON value or damaged text is one line at planning."""
+    import weightx
+
+    base, model = make_pair(tmp_path)
+    doc = {"models": {"base": str(base), "model": str(model)}, "base": "base", "deltas": [{"model": "model"}],
+           "output": {"path": str(tmp_path / "never-written")}}
+    cfg = model / "config.json"
+
+    @FUZZ
+    @given(st.one_of(json_values.map(json.dumps), st.text(max_size=40), st.integers(1, 5000).map(lambda n: "[" * n + "]" * n)))
+    def run(text):
+        cfg.write_text(text)
+        only_weightx_errors(weightx.plan, doc)
+        _count("config.json")
 
     run()
 

@@ -67,6 +67,16 @@ def base_mismatch(artifact_alias: str, artifact: ArtifactReader, base_alias: str
     return None
 
 
+def _base_ok(base: object) -> bool:
+    """The recorded base: optional text fields, and per shard an optional size (int) and sha256 (text)."""
+    if not isinstance(base, dict) or not all(isinstance(base.get(k), (str, type(None))) for k in ("alias", "source", "repo_id", "revision", "kind")):
+        return False
+    files = base.get("files", {})
+    return isinstance(files, dict) and all(
+        isinstance(f, dict) and (f.get("size") is None or (isinstance(f["size"], int) and not isinstance(f["size"], bool)))
+        and isinstance(f.get("sha256"), (str, type(None))) for f in files.values())
+
+
 class ArtifactReader:
     """Decodes the compressed tensors of a delta artifact folder (parts are mmap'd, zero-copy)."""
 
@@ -79,7 +89,7 @@ class ArtifactReader:
             raise InputError(f"{where}: delta encoding version {delta.get('version')!r} is newer than this weightx reads ({VERSION}); upgrade weightx")
         self.root = src.root
         base, tensors = delta.get("base", {}), delta.get("tensors", {})
-        if not isinstance(base, dict) or not isinstance(tensors, dict) or not isinstance(delta.get("model"), (str, type(None))):
+        if not isinstance(tensors, dict) or not isinstance(delta.get("model"), (str, type(None))) or not _base_ok(base):
             raise InputError(f"{where}: the delta record's base, model or tensors field has the wrong type; the artifact is damaged, re-download it")
         self.base: dict = base
         self.model: str | None = delta.get("model")
@@ -99,10 +109,10 @@ class ArtifactReader:
 
     def _checked(self, where: Path, name: str, entry: object) -> dict:
         """One compressed tensor's record, checked against the codec and the part headers before use."""
-        if not isinstance(entry, dict) or entry.get("codec") not in DECODERS:
+        if not isinstance(entry, dict) or not isinstance(entry.get("codec"), str) or entry["codec"] not in DECODERS:
             raise InputError(f"{where}: tensor {name!r} has unknown codec {entry.get('codec') if isinstance(entry, dict) else entry!r}; upgrade weightx")
         shape = entry.get("shape")
-        if (entry.get("dtype") not in DTYPES or not isinstance(shape, list) or not shape
+        if (not isinstance(entry.get("dtype"), str) or entry["dtype"] not in DTYPES or not isinstance(shape, list) or not shape
                 or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in shape)
                 or math.prod(shape) >= 1 << 62):
             raise InputError(f"{where}: tensor {name!r} has no valid shape/dtype record; the artifact is damaged, re-download it")

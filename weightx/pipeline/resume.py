@@ -17,16 +17,17 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 from weightx.version import __version__
 from weightx.io.lock import output_lock
 from weightx.io.output import RESUME_PREFIX, make_temp, stale_temps, write_failed
 from weightx.io.provenance import sha256_file
+from weightx.io.safetensors import ShardWriter
+from weightx.pipeline.plan import Plan
 from weightx.pipeline.compute import TensorStats
 
 
-def fingerprint(plan: Any, device_type: str) -> str:
+def fingerprint(plan: Plan, device_type: str) -> str:
     import torch
 
     recipe = plan.recipe.recipe_form()
@@ -65,7 +66,7 @@ class ResumeLog:
 
     `add` is the engine's on_shard callback (it runs on the writer thread once a shard is fsynced)."""
 
-    def __init__(self, plan: Any, folder: Path, fp: str, rank: int = 0, adopted: dict[str, dict] | None = None):
+    def __init__(self, plan: Plan, folder: Path, fp: str, rank: int = 0, adopted: dict[str, dict] | None = None):
         self.path = folder / f"{RESUME_PREFIX}-{rank}.json"
         self.fp = fp
         self.by_file = {s.filename: s for s in plan.shards}
@@ -76,7 +77,7 @@ class ResumeLog:
             except OSError:
                 pass  # best effort: a disk that cannot take this small file fails the run at the first shard
 
-    def add(self, writer: Any, stats: dict) -> None:
+    def add(self, writer: ShardWriter, stats: dict) -> None:
         shard = self.by_file[writer.path.name]
         self.shards[writer.path.name] = {
             "sha256": writer.sha256, "size": writer.total,

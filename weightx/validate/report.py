@@ -23,6 +23,7 @@ from weightx.errors import GateFailed, InputError, UsageError
 from weightx.io.sources import resolve
 from weightx.pipeline.card import refresh_card
 from weightx.pipeline.record import portable
+from weightx.recipe.model import Recipe
 from weightx.recipe.gates import GateResult, check, parse_gate
 from weightx.validate.runner import EvalSettings, evaluate, load_model, settings_for, stored_dtype, summarize, task_order, torch_device, torch_dtype
 from weightx.validate.sweep import run_sweep
@@ -129,7 +130,7 @@ def evaluate_models(
     return v
 
 
-def compare_paths(aliases: list[str], recipe: Any, recipe_dir: Path | None) -> dict[str, Path]:
+def compare_paths(aliases: list[str], recipe: Recipe, recipe_dir: Path | None) -> dict[str, Path]:
     """The folders of the compared inputs (resolved like any model source)."""
     out = {}
     for alias in aliases:
@@ -191,7 +192,7 @@ def validate_output(
 
 
 def run_recipe_sweep(
-    recipe: Any,
+    recipe: Recipe,
     *,
     output: str | Path | None = None,
     recipe_dir: Path | None = None,

@@ -17,6 +17,7 @@ from typing import Any
 from weightx.io.files import read_regular
 from weightx.errors import InputError
 from weightx.pipeline.compute import pick_device
+from weightx.recipe.model import ValidateSpec
 from weightx.validate.tasks import LoadedTasks
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
@@ -35,7 +36,7 @@ class EvalSettings:
                 "device": self.device, "dtype": self.dtype}
 
 
-def settings_for(spec: Any, device: str | None = None) -> EvalSettings:
+def settings_for(spec: ValidateSpec, device: str | None = None) -> EvalSettings:
     """EvalSettings from a recipe's ValidateSpec; `device` (apply's --device) applies when the spec has none."""
     return EvalSettings(limit=spec.limit, batch_size=spec.batch_size, num_fewshot=spec.num_fewshot,
                         device=spec.device or (device if device not in (None, "auto") else None), dtype=spec.dtype)

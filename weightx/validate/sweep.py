@@ -21,22 +21,21 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
+
+import torch
 
 from weightx.errors import InputError, UsageError
 from weightx.io.safetensors import DTYPES
 from weightx.pipeline.compute import Inputs, TensorComputer, pick_device
+from weightx.pipeline.plan import Plan
 from weightx.pipeline.planner import build_plan
-from weightx.recipe.gates import available, lookup, parse_select
+from weightx.recipe.gates import Selector, available, lookup, parse_select
+from weightx.recipe.model import Recipe
 from weightx.recipe.sweep import Sweep
-from weightx.validate.runner import evaluate, settings_for, summarize, torch_dtype
+from weightx.validate.runner import EvalSettings, evaluate, settings_for, summarize, torch_dtype
 from weightx.validate.tasks import LoadedTasks, load_tasks, resolve_tasks
 
-if TYPE_CHECKING:
-    from weightx.pipeline.plan import Plan
-    from weightx.recipe.model import Recipe
-    from weightx.validate.runner import EvalSettings
-    from weightx.validate.tasks import LoadedTasks
 
 
 
@@ -79,14 +78,12 @@ class SweepOutcome:
         }
 
 
-def set_weights(model: Any, plan: "Plan", device: Any) -> None:
+def set_weights(model: Any, plan: Plan, device: torch.device | str) -> None:
     """Overwrite every computed tensor of `model` with what `apply` would write for `plan`.
 
     The values come from the engine's TensorComputer (fp32 math, one rounding to the output dtype),
     then are cast to the model's dtype, exactly as a model loaded from the written checkpoint is.
     """
-    import torch
-
     state = model.state_dict()  # shares storage with the parameters
     inputs = Inputs()
     computer = TensorComputer(plan, inputs, device)
@@ -122,7 +119,7 @@ def select_tasks(tasks: "LoadedTasks", name: str) -> "LoadedTasks":
     raise UsageError(f"validate.select: task {name!r} is not among validate.tasks (evaluated: {known})")
 
 
-def _score(results: dict, higher: dict, select: Any) -> tuple[float | None, float | None, bool | None]:
+def _score(results: dict, higher: dict, select: Selector) -> tuple[float | None, float | None, bool | None]:
     entry = lookup(results, select.task, select.metric)
     if entry is None:
         return None, None, None
@@ -141,7 +138,6 @@ def run_sweep(
     log: Callable[[str], None] = lambda m: None,
 ) -> SweepOutcome:
     """Evaluate every candidate of `recipe`'s sweep in memory and pick the winner by `validate.select`."""
-    import torch
 
     t0 = time.perf_counter()
     sweep = recipe.sweep

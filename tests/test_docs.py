@@ -3,6 +3,7 @@ parameter is in docs/recipe.md, every layer in docs/architecture.md, and the REA
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -53,3 +54,15 @@ def test_architecture_names_every_layer_folder_and_the_readme_links_the_docs():
     for doc in ("recipe.md", "methods.md", "artifact-format.md", "architecture.md"):
         assert f"docs/{doc}" in readme and (DOCS / doc).is_file()
     assert "DESIGN.md" not in readme and "METHODS.md" not in readme  # not in this repository
+
+
+def test_the_readme_commands_are_what_ci_runs():
+    """Two commands: set-up + quickstart, and the tests; CI runs the same set-up and test command."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = readme.split("## Set up and run (two commands)", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    commands = [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+    assert len(commands) == 2 and commands[0].startswith("scripts/setup && .venv/bin/weightx apply recipes/")
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert commands[1] in ci.splitlines() and "bash scripts/setup" in ci
+    assert (ROOT / "constraints.txt").read_text().split() == ["torch==2.13.0"]
+    assert os.access(ROOT / "scripts" / "setup", os.X_OK)

@@ -153,3 +153,15 @@ def test_the_layer_rule_catches_an_upward_import(tmp_path):
                       "def f():\n    from weightx.io import sources\n"))
     assert [(t, inside, typing) for t, _, _, inside, typing in v.found] == [("weightx.api", False, True), ("weightx.io.sources", True, False)]
     assert layer_of("weightx.api") > layer_of("weightx.io.sources")
+
+
+def test_public_names_keep_working():
+    import weightx
+    import weightx.api
+    import weightx.serving
+
+    assert weightx.apply is weightx.api.apply and weightx.plan is weightx.api.plan and weightx.make_plan is weightx.api.plan
+    assert weightx.Recipe.__name__ == "Recipe" and weightx.ApplyResult is weightx.api.ApplyResult
+    for name in ("load_delta", "apply_delta", "remove_delta"):
+        assert getattr(weightx, name) is getattr(weightx.serving, name)
+    assert isinstance(weightx.__version__, str)

@@ -71,9 +71,17 @@ def _api() -> Any:
     return weightx.api
 
 
+def _output(positional: str | None, option: str | None) -> str | None:
+    """OUT as mergekit-yaml takes it (`weightx apply CONFIG OUT`) or as --output; both must agree."""
+    if positional is not None and option is not None and positional != option:
+        raise click.UsageError(f"two output paths: {positional} and --output {option}; give one")
+    return positional if positional is not None else option
+
+
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
-@click.option("--output", "-o", type=click.Path(file_okay=False), help="Output folder (overrides output.path).")
+@click.argument("output_path", metavar="[OUT]", required=False, type=click.Path(file_okay=False))
+@click.option("--output", "-o", type=click.Path(file_okay=False), help="Output folder (overrides output.path; or give it as OUT).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a recipe value; repeatable.")
 @click.option("--dry-run", is_flag=True, help="Resolve inputs and print the plan; compute nothing.")
@@ -81,10 +89,12 @@ def _api() -> Any:
 @click.option("--no-validate", is_flag=True, help="Skip the recipe's validate block.")
 @click.option("--no-push", is_flag=True, help="Skip the recipe's push block.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
-def apply(recipe: str, output: str | None, device: str, overrides: tuple[str, ...], dry_run: bool,
+def apply(recipe: str, output_path: str | None, output: str | None, device: str, overrides: tuple[str, ...], dry_run: bool,
           overwrite: bool, no_validate: bool, no_push: bool, progress: bool | None) -> None:
-    """Run RECIPE and write its output."""
+    """Run RECIPE and write its output (to OUT, --output or the recipe's output.path)."""
     import gc
+
+    output = _output(output_path, output)
 
     # torch's import allocates ~10^6 long-lived objects; collections during it cost ~0.12 s of the
     # start-up. Collection resumes (with those objects frozen) once the imports are done.
@@ -122,11 +132,12 @@ def apply(recipe: str, output: str | None, device: str, overrides: tuple[str, ..
 
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
-@click.option("--output", "-o", type=click.Path(file_okay=False), help="Output folder (overrides output.path).")
+@click.argument("output_path", metavar="[OUT]", required=False, type=click.Path(file_okay=False))
+@click.option("--output", "-o", type=click.Path(file_okay=False), help="Output folder (overrides output.path; or give it as OUT).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a recipe value; repeatable.")
-def plan(recipe: str, output: str | None, overrides: tuple[str, ...]) -> None:
+def plan(recipe: str, output_path: str | None, output: str | None, overrides: tuple[str, ...]) -> None:
     """Resolve inputs, check names/shapes/dtypes and print the plan; no compute."""
-    click.echo(_api().describe_plan(recipe, output=output, overrides=overrides))
+    click.echo(_api().describe_plan(recipe, output=_output(output_path, output), overrides=overrides))
 
 
 @main.command()

@@ -100,8 +100,8 @@ def prehash_recipe(recipe: str | Path) -> None:
 
     try:
         path = Path(recipe)
-        if path.stat().st_size > 1 << 20:
-            return
+        if not is_regular(path) or path.stat().st_size > 1 << 20:
+            return  # a pipe (`<(cat recipe.yaml)`) can be read once only: by the recipe loader
         root = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
         if not isinstance(root, yaml.MappingNode):
             return

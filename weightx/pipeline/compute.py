@@ -11,6 +11,7 @@ whole-tensor edits (bitdelta, ternary), a few copies of the largest tensor, what
 
 from __future__ import annotations
 
+import re
 import threading
 import warnings
 from collections import deque
@@ -37,12 +38,20 @@ BLOCK_ELEMENTS = 1 << 20
 PASS_CACHE_BYTES = 160 << 20
 
 
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
 def pick_device(device: str = "auto") -> torch.device:
+    """The compute device; anything but auto, cpu, cuda or cuda:N is one line saying so."""
+    if not isinstance(device, str) or not DEVICE.fullmatch(device):
+        raise UsageError(f"--device {device!r} is not a device weightx computes on; use auto, cpu, cuda or cuda:N")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: CUDA is not available here; use --device cpu or auto")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return dev
 
 

@@ -1,0 +1,40 @@
+"""The rough edges of a new user's first hour (issue: set-up, fail fast, mergekit habits)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import expo_recipe, write_recipe
+from weightx.cli import main
+
+
+@pytest.mark.parametrize("device", ["gpu", "mps", "cuda:x", "tpu", ""])
+def test_an_unknown_device_is_one_line_listing_the_valid_ones(family, tmp_path, device):
+    recipe = write_recipe(tmp_path / "r.yaml", expo_recipe(family["sft"], family["dpo"], tmp_path / "out"))
+    r = CliRunner().invoke(main, ["apply", str(recipe), "--device", device])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert "use auto, cpu, cuda or cuda:N" in r.output and not (tmp_path / "out").exists()
+
+
+def test_the_output_path_may_be_positional_as_in_mergekit_yaml(family, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", expo_recipe(family["sft"], family["dpo"], tmp_path / "from-recipe"))
+    r = CliRunner().invoke(main, ["apply", str(recipe), str(tmp_path / "positional")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "positional" / "weightx.json").is_file() and not (tmp_path / "from-recipe").exists()
+    plan = CliRunner().invoke(main, ["plan", str(recipe), str(tmp_path / "p2")])
+    assert plan.exit_code == 0 and str(tmp_path / "p2") in plan.output
+    both = CliRunner().invoke(main, ["apply", str(recipe), str(tmp_path / "a"), "--output", str(tmp_path / "b")])
+    assert both.exit_code == 2 and "two output paths" in both.output
+
+
+@pytest.mark.slow
+def test_a_recipe_from_a_pipe_is_read_once(family, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", expo_recipe(family["sft"], family["dpo"], tmp_path / "out"))
+    p = subprocess.run(["bash", "-c", f'"{sys.executable}" -m weightx apply <(cat "{recipe}")'], capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "out" / "weightx.json").is_file()

@@ -238,4 +238,6 @@ def test_python_api_validates_and_raises_on_a_failed_gate(tmp_path):
     with pytest.raises(GateFailed) as e:
         weightx.apply(data, overwrite=True)
     assert e.value.validation.passed is False and e.value.exit_code == 1
-    assert json.loads((tmp_path / "out" / "weightx.json").read_text())["validation"]["passed"] is False
+    # the gate is decided before the swap: the previous (passing) output stays, the candidate is kept beside it
+    assert json.loads((tmp_path / "out" / "weightx.json").read_text())["validation"]["passed"] is True
+    assert json.loads((tmp_path / "out.rejected" / "weightx.json").read_text())["validation"]["passed"] is False

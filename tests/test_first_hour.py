@@ -38,3 +38,30 @@ def test_a_recipe_from_a_pipe_is_read_once(family, tmp_path):
                        text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "out" / "weightx.json").is_file()
+
+
+def test_distillation_reports_its_steps_and_loss(family, tmp_path):
+    import weightx
+    from weightx.testing import default_corpus
+
+    doc = expo_recipe(family["sft"], family["dpo"], tmp_path / "out")
+    doc["deltas"][0]["edits"] = [{"bitdelta": {"distill": {"data": str(default_corpus()), "steps": 4, "batch_size": 2, "max_length": 32}}}]
+    lines: list[str] = []
+    weightx.apply(doc, report=lambda event, value: lines.append(value) if event == "log" else None)
+    steps = [line for line in lines if line.startswith("distill: step")]
+    assert [s.split(",")[0] for s in steps] == [f"distill: step {k}/4" for k in (1, 2, 3, 4)]
+    assert any(" -> " in line and "logit MSE" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_validation_prints_one_line_per_model_not_lm_evals_bars(family, tmp_path):
+    doc = expo_recipe(family["sft"], family["dpo"], tmp_path / "out")
+    doc["validate"] = {"tasks": ["weightx_mc"], "limit": 2, "compare": ["dpo"]}
+    p = subprocess.run([sys.executable, "-m", "weightx", "apply", str(write_recipe(tmp_path / "r.yaml", doc))],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "evaluating output on weightx_mc, 2 examples each" in p.stderr and "evaluating dpo on" in p.stderr
+    assert "Running loglikelihood requests" not in p.stderr and "fatal:" not in p.stderr, p.stderr
+    verbose = subprocess.run([sys.executable, "-m", "weightx", "--verbose", "apply", str(tmp_path / "r.yaml"), "--overwrite"],
+                             capture_output=True, text=True, timeout=300)
+    assert verbose.returncode == 0 and "Running loglikelihood requests" in verbose.stderr

@@ -78,7 +78,7 @@ def apply(
                                           tasks=tasks, log=log))
         return validation[-1].passed
 
-    result = execute(plan, device=device, overwrite=overwrite, progress=progress, accept=accept if validating else None)
+    result = execute(plan, device=device, overwrite=overwrite, progress=progress, accept=accept if validating else None, log=log)
     if not _main_rank():
         return result
     say("written", result)

@@ -60,8 +60,11 @@ class _Group(click.Group):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="weightx", prog_name="weightx", message="%(prog)s %(version)s")
-def main() -> None:
+@click.option("--verbose", is_flag=True, help="Keep the libraries' own output (lm-eval's progress bars and logs).")
+def main(verbose: bool) -> None:
     """Edit LLM weights through their deltas: ExPO, DARE, TIES, BitDelta, ternary."""
+    if verbose:
+        os.environ["WEIGHTX_VERBOSE"] = "1"
 
 
 def _api() -> Any:

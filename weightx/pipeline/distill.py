@@ -26,7 +26,7 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -222,11 +222,14 @@ def _eval_loss(teacher_logits: list[torch.Tensor], student: Student, eval_batche
 
 
 def train_scales(teacher: torch.nn.Module, student: Student, train: list[torch.Tensor],
-                 evaluate: list[torch.Tensor], *, lr: float) -> DistillResult:
-    """AdamW + cosine over len(train) steps on logit MSE; only `student.scales` are optimised."""
+                 evaluate: list[torch.Tensor], *, lr: float, log: Callable[[str], None] = lambda m: None) -> DistillResult:
+    """AdamW + cosine over len(train) steps on logit MSE; only `student.scales` are optimised.
+    `log` gets a line about every tenth of the steps (step, loss, elapsed time)."""
     with torch.no_grad():
         teacher_eval = [teacher(b, use_cache=False).logits.float() for b in evaluate]
     loss_before = _eval_loss(teacher_eval, student, evaluate)
+    log(f"distill: {len(student.scales)} scale tensor(s), {len(train)} steps; logit MSE before {loss_before:.6g}")
+    every, t0 = max(1, len(train) // 10), time.perf_counter()
     params = list(student.scales.values())
     opt = torch.optim.AdamW(params, lr=lr)  # weight_decay 0.01 (torch default), as the reference
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=len(train))
@@ -240,12 +243,15 @@ def train_scales(teacher: torch.nn.Module, student: Student, train: list[torch.T
         opt.step()
         sched.step()
         curve.append(float(loss.detach()))
+        if len(curve) % every == 0 or len(curve) == len(train):
+            log(f"distill: step {len(curve)}/{len(train)}, loss {curve[-1]:.6g} ({time.perf_counter() - t0:.0f} s)")
     loss_after = _eval_loss(teacher_eval, student, evaluate)
+    log(f"distill: logit MSE {loss_before:.6g} -> {loss_after:.6g}")
     scales = {n: p.detach().to("cpu", torch.float32).clone() for n, p in student.scales.items()}
     return DistillResult(scales, loss_before, loss_after, curve)
 
 
-def distill_plan(plan: Plan, device: torch.device, state: RunState) -> dict:
+def distill_plan(plan: Plan, device: torch.device, state: RunState, log: Callable[[str], None] = lambda m: None) -> dict:
     """Run the distillation phase of a plan; put the learned scales in `state`; return the record."""
     from transformers import AutoTokenizer  # heavy: loaded only when a recipe distills
 
@@ -262,7 +268,7 @@ def distill_plan(plan: Plan, device: torch.device, state: RunState) -> dict:
     train = batches(windows, cfg.batch_size, cfg.steps, device)
     evaluate = batches(windows, cfg.batch_size, min(2, -(-len(windows) // cfg.batch_size)), device)
     with torch.enable_grad():
-        result = train_scales(teacher, student, train, evaluate, lr=cfg.lr)
+        result = train_scales(teacher, student, train, evaluate, lr=cfg.lr, log=log)
     del teacher, student
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -90,7 +90,7 @@ def identities(files: set[Path] | list[Path]) -> dict[Path, tuple[int, int, int,
     return out
 
 
-def _distill(plan: Plan, dev: torch.device, ranks: Dist, state: RunState) -> None:
+def _distill(plan: Plan, dev: torch.device, ranks: Dist, state: RunState, log: Callable[[str], None]) -> None:
     """Train BitDelta scales once, on rank 0, and give every rank the same learned values: ranks
     distilling on their own could disagree (GPU nondeterminism) and write inconsistent shards."""
     edits = [e for d in plan.recipe.deltas for e in d.edits if e.prepass() == "distill"]
@@ -98,7 +98,7 @@ def _distill(plan: Plan, dev: torch.device, ranks: Dist, state: RunState) -> Non
         return
 
     def run() -> list:
-        distill_plan(plan, dev, state)
+        distill_plan(plan, dev, state, log)
         return [({k: v.detach().cpu() for k, v in state.per_tensor[id(e)].items()}, state.records["distill"][n])
                 for n, e in enumerate(edits)]
 
@@ -109,7 +109,7 @@ def _distill(plan: Plan, dev: torch.device, ranks: Dist, state: RunState) -> Non
 
 
 def execute(plan: Plan, *, device: str = "auto", overwrite: bool = False, progress: bool | None = None,
-            accept: Callable[[Path], bool] | None = None) -> ApplyResult:
+            accept: Callable[[Path], bool] | None = None, log: Callable[[str], None] = lambda m: None) -> ApplyResult:
     """Run a plan to a finished output folder; under torchrun, each rank writes its share of shards.
 
     `accept(folder)` (rank 0; validation and its gates) sees the complete candidate before it
@@ -132,19 +132,21 @@ def execute(plan: Plan, *, device: str = "auto", overwrite: bool = False, progre
     held = contextlib.ExitStack()  # rank 0's output lock; released in the last finally
     tmp_name, adopted = ranks.on_main(lambda: start_output(plan.out_path, overwrite, held, fp, {s.filename for s in plan.shards}))
     tmp = Path(tmp_name)
-    log = ResumeLog(plan, tmp, fp, ranks.rank, adopted)  # shards finished by a killed run were verified and kept
-    update, close_bar = _progress_bar(sum(s.nbytes for s in mine), progress if ranks.is_main else False)
+    resume = ResumeLog(plan, tmp, fp, ranks.rank, adopted)  # shards finished by a killed run were verified and kept
+    close_bar: Callable[[], None] = lambda: None  # noqa: E731
     error: BaseException | None = None
     stats: dict[str, TensorStats] = {}
     hashes: dict[str, str] = {}
     try:
-        _distill(plan, dev, ranks, state)  # BitDelta scale distillation, before any writing
+        _distill(plan, dev, ranks, state, log if ranks.is_main else lambda m: None)  # before any writing
+        # The bar starts with the stream: over the distillation it would show a stalled ETA.
+        update, close_bar = _progress_bar(sum(s.nbytes for s in mine), progress if ranks.is_main else False)
         if os.environ.get("WEIGHTX_TEST_FAIL_RANK") == str(ranks.rank) and ranks.active:
             raise RuntimeError(f"injected failure on rank {ranks.rank}")  # for the scale-out tests
         if ranks.is_main:
             _preload("huggingface_hub.repocard")  # the card needs it at the end; import while streaming
-        stats = write_shards(plan, tmp, dev, update, shards=[s for s in mine if s.filename not in adopted], on_shard=log.add, run=state)
-        stats.update(log.stats({s.filename for s in mine} & set(adopted)))
+        stats = write_shards(plan, tmp, dev, update, shards=[s for s in mine if s.filename not in adopted], on_shard=resume.add, run=state)
+        stats.update(resume.stats({s.filename for s in mine} & set(adopted)))
         hashes = hasher.result()
         changed = [p for p, ident in before.items() if identities([p]).get(p) != ident]
         if changed:  # the shards mix old and new bytes, and the record's hashes describe neither
@@ -163,7 +165,7 @@ def execute(plan: Plan, *, device: str = "auto", overwrite: bool = False, progre
             if error is not None:
                 raise _user_error(error, plan.out_path, tmp)
             raise RankFailed("another rank failed; nothing was written (see its error above)")
-        parts = ranks.gather((stats, hashes, log.shards))
+        parts = ranks.gather((stats, hashes, resume.shards))
         if ranks.is_main:
             all_stats = {k: v for st, _, _ in parts for k, v in st.items()}
             all_hashes = {k: v for _, hs, _ in parts for k, v in hs.items()}

@@ -118,6 +118,7 @@ def evaluate_models(
             v.reused = True
         else:
             t1 = time.perf_counter()
+            log(f"evaluating {label} on {', '.join(task_order(tasks))}" + (f", {settings.limit} examples each" if settings.limit else ""))
             model, tokenizer = load_model(path, settings)
             v.results[label], hib = summarize(evaluate(model, tokenizer, tasks, settings))
             del model

@@ -8,11 +8,15 @@ the same weights read back from disk are evaluated identically.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from weightx.io.files import read_regular
 from weightx.errors import InputError
@@ -106,6 +110,27 @@ def load_model(path: str | Path, settings: EvalSettings) -> tuple[Any, Any]:
     return model.to(torch_device(settings)).eval(), tokenizer
 
 
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """lm-eval's progress bars and the `git` it runs for its version write to stderr dozens of times
+    per model; weightx prints one line per model instead. `weightx --verbose` (WEIGHTX_VERBOSE=1)
+    keeps them. Errors still surface: they are raised, not printed."""
+    if os.environ.get("WEIGHTX_VERBOSE"):
+        yield
+        return
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)  # also silences subprocesses (git) and C-level writes
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def evaluate(model: Any, tokenizer: Any, tasks: LoadedTasks, settings: EvalSettings) -> dict:
     """lm-eval's own results dict for one model object."""
     import torch
@@ -113,7 +138,7 @@ def evaluate(model: Any, tokenizer: Any, tasks: LoadedTasks, settings: EvalSetti
     from lm_eval.models.huggingface import HFLM
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size)
-    with torch.no_grad():
+    with torch.no_grad(), quiet_stderr():
         raw = simple_evaluate(
             model=lm,
             tasks=list(tasks.items),

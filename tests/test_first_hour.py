@@ -65,3 +65,22 @@ def test_validation_prints_one_line_per_model_not_lm_evals_bars(family, tmp_path
     verbose = subprocess.run([sys.executable, "-m", "weightx", "--verbose", "apply", str(tmp_path / "r.yaml"), "--overwrite"],
                              capture_output=True, text=True, timeout=300)
     assert verbose.returncode == 0 and "Running loglikelihood requests" in verbose.stderr
+
+
+def test_a_sweep_within_the_standard_error_says_so():
+    from weightx.recipe.sweep import Sweep, SweepParam
+    from weightx.validate.sweep import Candidate, SweepOutcome
+    from weightx.validate.table import render_sweep
+
+    param = SweepParam(("deltas", 0, "edits", 0, "expo", "alpha"), "deltas.0.edits.0.expo.alpha", (0.1, 0.3, 0.5))
+    scores = [(0.50, 0.02), (0.51, 0.02), (0.40, 0.01)]
+    cands = [Candidate({param.label: a}, None, score=s, stderr=e) for a, (s, e) in zip(param.values, scores)]  # type: ignore[arg-type]
+    outcome = SweepOutcome(Sweep([param], {}), "weightx_mc/acc", "max", cands, winner=1)
+    text = render_sweep(outcome)
+    assert outcome.within_noise() == [0] and outcome.as_record()["within_stderr"] == [0]
+    assert "cannot tell them apart" in text and "within stderr" in text.splitlines()[3]
+    header = text.splitlines()[1]
+    assert header.split()[-1] == "choice"  # no untitled column
+    clear = SweepOutcome(Sweep([param], {}), "weightx_mc/acc", "max",
+                         [Candidate({param.label: a}, None, score=s, stderr=0.001) for a, s in zip(param.values, (0.3, 0.6, 0.4))], 1)  # type: ignore[arg-type]
+    assert clear.within_noise() == [] and "cannot tell" not in render_sweep(clear)

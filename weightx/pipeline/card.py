@@ -261,11 +261,16 @@ def sweep_section(record: dict) -> list[str]:
     select = sw.get("select", "?")
     lines = ["## Sweep", "", f"The parameters were chosen by evaluating each candidate in memory and keeping the "
              f"{'highest' if sw.get('direction') == 'max' else 'lowest'} `{select}`; only the winner was written.", "",
-             "| " + " | ".join([*(f"`{p}`" for p in params), select, ""]) + " |", "|" + "---|" * (len(params) + 2)]
+             "| " + " | ".join([*(f"`{p}`" for p in params), select, "choice"]) + " |", "|" + "---|" * (len(params) + 2)]
+    close = sw.get("within_stderr") if isinstance(sw.get("within_stderr"), list) else []
     for i, c in enumerate(sw["candidates"]):
         vals = [str((c.get("values") or {}).get(p, "")) for p in params]
         cell = _cell({"value": c.get("score"), "stderr": c.get("stderr")})
-        lines.append("| " + " | ".join([*vals, cell, "**winner**" if i == sw.get("winner") else ""]) + " |")
+        mark = "**winner**" if i == sw.get("winner") else ("within stderr" if i in close else "")
+        lines.append("| " + " | ".join([*vals, cell, mark]) + " |")
+    if close:
+        lines += ["", f"{len(close)} other candidate(s) scored within a standard error of the winner: the evaluation"
+                      " could not tell them apart."]
     return lines + [""]
 
 

@@ -64,6 +64,15 @@ class SweepOutcome:
     def best(self) -> Candidate:
         return self.candidates[self.winner]
 
+    def within_noise(self) -> list[int]:
+        """The other candidates whose score is within a standard error of the winner's (either's),
+        i.e. not clearly worse: the evaluation cannot tell them apart."""
+        b = self.best
+        if b.score is None:
+            return []
+        return [i for i, c in enumerate(self.candidates) if i != self.winner and c.score is not None
+                and (err := max(b.stderr or 0.0, c.stderr or 0.0)) > 0 and abs(b.score - c.score) <= err]
+
     def as_record(self) -> dict:
         return {
             "select": self.select,
@@ -73,6 +82,7 @@ class SweepOutcome:
                             "results": c.results} for c in self.candidates],
             "winner": self.winner,
             "winner_values": self.best.values,
+            "within_stderr": self.within_noise(),  # candidates the evaluation cannot tell from the winner
             "in_memory": True,
             "seconds": round(self.seconds, 3),
         }

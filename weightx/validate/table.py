@@ -59,9 +59,14 @@ def render_validation(v: "Validation") -> str:
 def render_sweep(outcome: "SweepOutcome") -> str:
     names = [p.short for p in outcome.sweep.params]
     rows = []
+    close = outcome.within_noise()
     for i, c in enumerate(outcome.candidates):
-        mark = "← winner" if i == outcome.winner else ""
+        mark = "← winner" if i == outcome.winner else ("within stderr" if i in close else "")
         rows.append([*(f"{c.values[p.label]:g}" if isinstance(c.values[p.label], (int, float)) else str(c.values[p.label])
                        for p in outcome.sweep.params), fmt(c.score, c.stderr), mark])
     title = f"sweep: {len(rows)} candidates evaluated in memory, {outcome.direction} {outcome.select}"
-    return "\n".join([title, *_grid([*names, outcome.select, ""], rows, len(names))])
+    lines = [title, *_grid([*names, outcome.select, "choice"], rows, len(names))]
+    if close:
+        lines.append(f"note: {len(close)} other candidate(s) score within a standard error of the winner, so the evaluation"
+                     " cannot tell them apart; the winner is the best measured, not clearly the best (raise validate.limit)")
+    return "\n".join(lines)

@@ -84,3 +84,19 @@ def test_a_sweep_within_the_standard_error_says_so():
     clear = SweepOutcome(Sweep([param], {}), "weightx_mc/acc", "max",
                          [Candidate({param.label: a}, None, score=s, stderr=0.001) for a, s in zip(param.values, (0.3, 0.6, 0.4))], 1)  # type: ignore[arg-type]
     assert clear.within_noise() == [] and "cannot tell" not in render_sweep(clear)
+
+
+@pytest.mark.slow
+def test_a_hub_task_without_network_fails_at_once_saying_so(tmp_path):
+    """No HF_HUB_OFFLINE: one look at the network instead of ~30 s of dataset retries."""
+    import os
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update({"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9"})  # nothing listens there
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "weightx", "eval", str(tmp_path), "--tasks", "arc_easy"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert "unreachable" in p.stderr and "127.0.0.1:9 did not answer" in p.stderr
+    assert time.perf_counter() - t0 < 90

@@ -13,12 +13,14 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import socket
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from weightx.io.files import is_regular, read_regular
 from weightx.errors import InputError, UsageError
+from weightx.io.files import is_regular, read_regular
 
 DATA = Path(__file__).resolve().parent / "data"
 SMOKE = "weightx_smoke"
@@ -199,6 +201,11 @@ def load_tasks(taskset: TaskSet) -> LoadedTasks:
     tm = TaskManager(include_path=taskset.include_paths or None, include_defaults=taskset.needs_builtins)
     out = LoadedTasks(tm, [], {}, {})
     for spec, label, kind in zip(taskset.specs, taskset.labels, taskset.kinds):
+        if kind == "builtin" and not offline() and (why := hub_unreachable()):
+            # datasets would retry for ~30 s before failing; one look at the network says it now
+            raise InputError(f"task {label!r} needs data from the Hugging Face Hub, which is unreachable here ({why});"
+                             f" use a bundled local task ({', '.join(BUNDLED)}) or a local task YAML, set HF_HUB_OFFLINE=1"
+                             " to use data already in your cache, or go online")
         try:
             if spec == SMOKE:
                 parts = tm.load([bundled_configs()[n] for n in BUNDLED[:3]])
@@ -229,6 +236,23 @@ def load_tasks(taskset: TaskSet) -> LoadedTasks:
         in_groups = {t.task_name for g in tops for t in g.get_all_tasks()}
         out.items += tops + [t for n, t in one["tasks"].items() if n not in in_groups]
     return out
+
+
+_REACHABLE: dict[str, str | None] = {}
+
+
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hub (HF_ENDPOINT) cannot be reached, found once per process; None when it answers."""
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    if endpoint not in _REACHABLE:
+        url = urllib.parse.urlsplit(endpoint)
+        host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            _REACHABLE[endpoint] = None
+        except OSError as e:
+            _REACHABLE[endpoint] = f"{host}:{port} did not answer: {e.strerror or type(e).__name__}"
+    return _REACHABLE[endpoint]
 
 
 def _looks_like_network(e: BaseException) -> bool:

@@ -100,3 +100,26 @@ def test_a_hub_task_without_network_fails_at_once_saying_so(tmp_path):
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
     assert "unreachable" in p.stderr and "127.0.0.1:9 did not answer" in p.stderr
     assert time.perf_counter() - t0 < 90
+
+
+def test_relative_model_paths_are_the_recipes_never_the_working_directorys(family, tmp_path, monkeypatch):
+    import shutil
+
+    import weightx
+
+    recipe_dir, cwd = tmp_path / "recipes", tmp_path / "cwd"
+    for root, which in ((recipe_dir, "dpo"), (cwd, "sft")):  # the same relative name in both places
+        (root / "models").mkdir(parents=True)
+        shutil.copytree(family[which], root / "models" / "ft")
+    doc = {"models": {"sft": str(family["sft"]), "dpo": "models/ft"}, "base": "sft", "deltas": [{"model": "dpo"}],
+           "output": {"path": "out"}}
+    recipe = write_recipe(recipe_dir / "r.yaml", doc)
+    monkeypatch.chdir(cwd)
+    plan = weightx.plan(str(recipe))
+    assert plan.sources["dpo"].root == (recipe_dir / "models" / "ft").resolve()
+    assert plan.out_path == (cwd / "out").resolve()  # outputs, like mergekit's, are the working directory's
+    r = CliRunner().invoke(main, ["plan", str(recipe)])
+    assert str((recipe_dir / "models" / "ft").resolve()) in r.output
+    shutil.rmtree(recipe_dir / "models")
+    r = CliRunner().invoke(main, ["plan", str(recipe)])
+    assert r.exit_code == 1 and f"no folder at {recipe_dir / 'models' / 'ft'}" in r.output

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from weightx.errors import WeightxError
 from weightx.inspect import inspect_source
+from weightx.io.files import is_regular
 from weightx.io.verify import render_verify, verify
 from weightx.pipeline.plan import Plan, human_bytes
 from weightx.pipeline.planner import build_plan, render_plan
@@ -33,7 +34,11 @@ Report = Callable[[str, Any], None]
 
 
 def _recipe_dir(recipe: Recipe | str | Path | dict) -> Path | None:
-    return Path(recipe).parent if isinstance(recipe, (str, Path)) else None
+    """Where a recipe's relative paths start: its file's folder (a piped recipe, `<(cat r.yaml)`,
+    and a Python object: the working directory)."""
+    if isinstance(recipe, (str, Path)) and is_regular(Path(recipe)):
+        return Path(recipe).resolve().parent
+    return None
 
 
 def _main_rank() -> bool:

@@ -221,8 +221,8 @@ def _from_hub(alias: str, spec: str, allow_pickle: bool = False) -> Source:
 def resolve(alias: str, spec: str, base_dir: Path | None = None, allow_pickle: bool = False) -> Source:
     """Resolve one `models:` entry to a Source, reading headers only (pickles: see weightx.io.staging)."""
     path = Path(os.path.expanduser(spec))
-    if not path.is_absolute() and base_dir is not None and not path.exists() and (base_dir / path).exists():
-        path = base_dir / path
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path  # relative paths are the recipe's: never silently the working directory's
     if path.is_dir():
         return _from_folder(alias, spec, path.resolve(), allow_pickle)
     if path.is_file():
@@ -235,5 +235,11 @@ def resolve(alias: str, spec: str, base_dir: Path | None = None, allow_pickle: b
             raise InputError(f"models.{alias}: {spec} is not a .safetensors file or a model folder")
         return _from_file(alias, spec, path.resolve())
     if looks_like_hub_id(spec):
-        return _from_hub(alias, spec, allow_pickle)
-    raise InputNotFoundError(f"models.{alias}: {spec!r} does not exist; give a local folder, a .safetensors file or a Hub id org/name[@revision]")
+        try:
+            return _from_hub(alias, spec, allow_pickle)
+        except InputError as e:  # a local folder meant but missing reads like a Hub id: say both
+            if base_dir is None or Path(os.path.expanduser(spec)).is_absolute():
+                raise
+            raise type(e)(f"{e} (there is no folder at {path.absolute()} either: relative paths are taken from the recipe's folder)") from None
+    where = f" (looked for {path.absolute()}: relative paths are taken from the recipe's folder)" if not Path(os.path.expanduser(spec)).is_absolute() else ""
+    raise InputNotFoundError(f"models.{alias}: {spec!r} does not exist{where}; give a local folder, a .safetensors file or a Hub id org/name[@revision]")

@@ -67,11 +67,11 @@ def plan_distill(recipe: Recipe, sources: dict[str, Source], edits: list[BitDelt
                         f" '{recipe.config_from}', which has none; set output.config_from to a folder with one")
     for e in edits:
         path = Path(e.distill.data).expanduser()
-        if not path.is_absolute() and not path.exists() and recipe_dir is not None and (recipe_dir / path).exists():
-            path = recipe_dir / path  # as model paths: the current directory first, then the recipe's folder
+        if not path.is_absolute() and recipe_dir is not None:
+            path = recipe_dir / path  # as model paths: relative to the recipe's folder
         if not path.is_file():
-            problems.append(f"bitdelta distill.data: {e.distill.data} is not a file (relative paths are taken from"
-                            " the current directory, then the recipe's folder)")
+            problems.append(f"bitdelta distill.data: {e.distill.data} is not a file (looked for {path.absolute()};"
+                            " relative paths are taken from the recipe's folder)")
         else:
             data_path = path.resolve()
     return problems, data_path

@@ -153,8 +153,8 @@ def resolve_tasks(tasks: list[str], base_dir: Path | None = None, allow_code: bo
             add(name if name == SMOKE else bundled[name], name, "bundled")
             continue
         path = Path(os.path.expanduser(name))
-        if not path.is_absolute() and base_dir is not None and not path.exists() and (base_dir / path).exists():
-            path = base_dir / path
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path  # a recipe's task paths are relative to its folder, `weightx eval`'s to the cwd
         if path.suffix in (".yaml", ".yml") or path.exists() or "/" in name:
             if path.is_file():
                 add(str(path.resolve()), name, "local")

@@ -95,12 +95,14 @@ def load_model(path: str | Path, settings: EvalSettings) -> tuple[Any, Any]:
         raise InputError(f"cannot evaluate {path}: it is a weightx delta artifact, not a model; rebuild it on its base"
                          " first (a recipe with the artifact under deltas, e.g. recipes/materialize.yaml) and evaluate that")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        with quiet_stderr():  # transformers' per-model "Loading weights" bar
+            tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise InputError(f"cannot evaluate {path}: no usable tokenizer there ({' '.join(str(e).split())[:160]})") from None
     dtype = torch_dtype(settings, stored_dtype(path))
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+        with quiet_stderr():
+            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
     except (OSError, ValueError, KeyError) as e:
         raise InputError(f"cannot evaluate {path}: transformers cannot load it as a causal LM ({' '.join(str(e).split())[:200]})") from None
     missing = sorted(info.get("missing_keys") or []) + sorted(info.get("mismatched_keys") or [])

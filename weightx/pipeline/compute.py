@@ -150,7 +150,7 @@ class TensorComputer:
         self._state_lock = threading.Lock()
 
     def load(self, src: Source, t: TensorPlan, start: int, count: int,
-              out: torch.Tensor | None = None) -> torch.Tensor:
+             out: torch.Tensor | None = None) -> torch.Tensor:
         """Block [start, start+count) of input `src` as float32: a fresh tensor, or `out` filled."""
         mf, info = self.inputs.get(src, t.name)
         x = mf.view(info, start, count)
@@ -162,7 +162,7 @@ class TensorComputer:
         return x.to(torch.float32, copy=True)
 
     def delta(self, src: Source, t: TensorPlan, start: int, count: int, base: torch.Tensor | None, copy: bool = True,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+              out: torch.Tensor | None = None) -> torch.Tensor:
         """θ_i − base. A delta artifact hands over its decoded delta directly: no (base + δ̂) − base round trip."""
         cached = self._cache.get(t.name)
         if cached is not None:
@@ -211,7 +211,8 @@ class TensorComputer:
     def edited_delta(self, t: TensorPlan, i: int, upto: int | None = None) -> torch.Tensor:
         """The whole tensor's delta i (θ_i − base) after its first `upto` edits (default: all), float32
         in the tensor's shape on the computer's device. The one way the pre-run phases (distillation,
-        global statistics), the compressed writer and the checks get an edited delta."""
+        global statistics) get a whole edited delta; the compressed writer
+        (`encoded_parts`) walks the same steps itself because it also reports the raw delta's norm."""
         n = t.numel
         base = self.load(self.plan.base, t, 0, n)
         d = self.delta(self.plan.deltas[i][1], t, 0, n, base).view(t.shape)

@@ -564,6 +564,17 @@ def test_task_yamls_that_import_code_need_an_explicit_opt_in(tmp_path):
     assert not Path("PWNED").exists() and not (tasks / "PWNED").exists()
 
 
+def test_a_fifo_recipe_is_refused_not_read_forever(tmp_path):
+    _case("special file: FIFO as the recipe")
+    os.mkfifo(tmp_path / "r.yaml")
+    done: list = []
+    t = threading.Thread(target=lambda: done.append(cli("plan", str(tmp_path / "r.yaml"))), daemon=True)
+    t.start()
+    t.join(60)
+    assert done, "weightx plan hung on a FIFO recipe"
+    assert "not a recipe file" in one_line(done[0], 2)
+
+
 def test_trust_report():
     """Not a check: the count of hostile cases tried in this module (pytest -s shows it)."""
     print(f"\nhostile cases tried: {sum(HOSTILE.values())} over {len(HOSTILE)} kinds")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 from typing import Any
 
 import click
@@ -46,7 +47,8 @@ class _Group(click.Group):
         warnings.showwarning = one_line
         # SIGTERM (a job scheduler, `kill`) takes the same path as Ctrl-C: one line, the temporary
         # folder and the lock cleaned up, never an output that looks finished.
-        signal.signal(signal.SIGTERM, _terminate)
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            signal.signal(signal.SIGTERM, _terminate)
         try:
             return super().invoke(ctx)
         except WeightxError as e:

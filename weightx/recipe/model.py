@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import stat
 import unicodedata
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -464,9 +465,16 @@ def _safe_load(text: str) -> Any:
 def read_yaml(path: str | Path) -> Any:
     path = Path(path)
     try:
+        mode = path.stat().st_mode
+        if not stat.S_ISREG(mode) and not (stat.S_ISFIFO(mode) and str(path).startswith(("/dev/fd/", "/proc/self/fd/"))):
+            # a named FIFO or a device would block or never end; `<(cat r.yaml)` (a pipe) is fine
+            raise UsageError(f"{path} is not a recipe file (a FIFO, device or folder); give a YAML file")
         if path.stat().st_size > MAX_YAML_BYTES:
             raise UsageError(f"{path}: recipe is larger than 1 MB; is this the right file?")
-        text = path.read_text(encoding="utf-8")
+        with open(path, encoding="utf-8") as f:
+            text = f.read(MAX_YAML_BYTES + 1)
+        if len(text) > MAX_YAML_BYTES:
+            raise UsageError(f"{path}: recipe is larger than 1 MB; is this the right file?")
     except FileNotFoundError:
         raise UsageError(f"recipe not found: {path}") from None
     except (OSError, UnicodeDecodeError) as e:

@@ -123,3 +123,19 @@ def test_relative_model_paths_are_the_recipes_never_the_working_directorys(famil
     shutil.rmtree(recipe_dir / "models")
     r = CliRunner().invoke(main, ["plan", str(recipe)])
     assert r.exit_code == 1 and f"no folder at {recipe_dir / 'models' / 'ft'}" in r.output
+
+
+def test_a_loaded_recipe_object_keeps_its_folder_for_relative_paths(tmp_path, monkeypatch):
+    """The README's Python example: Recipe.load, then apply from anywhere."""
+    from pathlib import Path
+
+    import weightx
+
+    repo = Path(__file__).resolve().parent.parent
+    monkeypatch.chdir(tmp_path)
+    recipe = weightx.Recipe.load(repo / "recipes" / "quickstart.yaml")
+    assert recipe.folder == repo / "recipes"
+    result = weightx.apply(recipe, output=tmp_path / "x", overwrite=True)
+    assert (result.path / "weightx.json").is_file()
+    again = weightx.plan(recipe, overrides=["deltas.0.edits.0.expo.alpha=0.5"])  # overrides keep the folder too
+    assert again.sources["sft"].root == (repo / "examples" / "tiny" / "sft").resolve()

@@ -34,8 +34,10 @@ Report = Callable[[str, Any], None]
 
 
 def _recipe_dir(recipe: Recipe | str | Path | dict) -> Path | None:
-    """Where a recipe's relative paths start: its file's folder (a piped recipe, `<(cat r.yaml)`,
-    and a Python object: the working directory)."""
+    """Where a recipe's relative paths start: its file's folder, also for a `Recipe.load`ed object
+    (a piped recipe, `<(cat r.yaml)`, and a dict: the working directory)."""
+    if isinstance(recipe, Recipe):
+        return recipe.folder
     if isinstance(recipe, (str, Path)) and is_regular(Path(recipe)):
         return Path(recipe).resolve().parent
     return None

@@ -235,12 +235,18 @@ class Recipe(_Strict):
     allow_pickle: bool = False
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    _sweep: Any = PrivateAttr(default=None)  # weightx.validate.sweep.Sweep when a parameter is a list
+    _sweep: Any = PrivateAttr(default=None)  # weightx.recipe.sweep.Sweep when a parameter is a list
+    _folder: Path | None = PrivateAttr(default=None)  # the recipe file's folder: where relative paths start
 
     @property
     def sweep(self) -> Any:
         """The sweep (list-valued parameters) this recipe stands for, or None; fields hold the first candidate."""
         return self._sweep
+
+    @property
+    def folder(self) -> Path | None:
+        """The folder of the file this recipe was read from (relative paths start there), or None."""
+        return self._folder
 
     @field_validator("combine", mode="before")
     @classmethod
@@ -524,10 +530,15 @@ def load_recipe(
     if isinstance(source, Recipe):
         if not overrides:
             return source
-        return validate_recipe(apply_overrides(source.recipe_form(), overrides), "recipe")
+        recipe = validate_recipe(apply_overrides(source.recipe_form(), overrides), "recipe")
+        recipe._folder = source.folder
+        return recipe
     if isinstance(source, dict):
         return validate_recipe(apply_overrides(dict(source), overrides), "recipe")
     data = read_yaml(source)
     if isinstance(data, dict):
         data = apply_overrides(data, overrides)
-    return validate_recipe(data, str(source))
+    recipe = validate_recipe(data, str(source))
+    path = Path(source)
+    recipe._folder = path.resolve().parent if path.is_file() else None  # a pipe: the working directory
+    return recipe

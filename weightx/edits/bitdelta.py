@@ -3,7 +3,7 @@
 Liu et al., "BitDelta: Your Fine-Tune May Only Be Worth One Bit" (NeurIPS 2024, arXiv 2402.10193):
 δ̂ = α·sign(δ), α = mean|δ| (the L2-optimal scale for a fixed sign pattern:
 ‖δ − α·S‖² = Σ(|δ_ij| − α)², minimised at the mean). `distill:` then trains the scales only, on
-the logit MSE against the fine-tuned model (`weightx.distill`).
+the logit MSE against the fine-tuned model (`weightx.pipeline.distill`).
 
 Sign of zero: **sign(0) = +1**, as the reference code does (`mask[diff < 0] = 0`); the paper's
 text says −1. bf16 deltas hold many exact zeros, so the choice shows in the output.

@@ -29,7 +29,7 @@ def torchrun(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
 
 
 def shard_bytes(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.glob("model-*.safetensors"))}
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("model*.safetensors"))}
 
 
 RECIPES = {

@@ -80,7 +80,7 @@ def test_block_size_does_not_change_bytes(family, tmp_path, block):
 def test_every_tensor_in_one_shard_and_index_total(family, tmp_path):
     res = weightx.apply(expo_recipe(family["sft"], family["dpo"], tmp_path / "out", 0.3, shard_size="60KB"))
     index = json.loads((res.path / "model.safetensors.index.json").read_text())
-    files = sorted(res.path.glob("model-*.safetensors"))
+    files = sorted(res.path.glob("model*.safetensors"))
     assert len(files) == len(res.shards) >= 3
     assert [p.name for p in files] == [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
     seen: dict[str, str] = {}

@@ -139,3 +139,20 @@ def test_a_loaded_recipe_object_keeps_its_folder_for_relative_paths(tmp_path, mo
     assert (result.path / "weightx.json").is_file()
     again = weightx.plan(recipe, overrides=["deltas.0.edits.0.expo.alpha=0.5"])  # overrides keep the folder too
     assert again.sources["sft"].root == (repo / "examples" / "tiny" / "sft").resolve()
+
+
+def test_a_single_shard_output_is_named_as_transformers_names_it(family, tmp_path):
+    import json
+
+    import weightx
+
+    one = weightx.apply(expo_recipe(family["sft"], family["dpo"], tmp_path / "one")).path
+    assert sorted(p.name for p in one.glob("*.safetensors")) == ["model.safetensors"]
+    # the index stays (DESIGN.md's output layout has it in every output) and names that file
+    assert set(json.loads((one / "model.safetensors.index.json").read_text())["weight_map"].values()) == {"model.safetensors"}
+    many = weightx.apply(expo_recipe(family["sft"], family["dpo"], tmp_path / "many", shard_size="100KB")).path
+    names = sorted(p.name for p in many.glob("*.safetensors"))
+    assert len(names) > 1 and all(n.startswith("model-") and f"-of-{len(names):05d}" in n for n in names)
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(one) is not None

@@ -354,7 +354,7 @@ def test_allow_pickle_reads_weights_only_and_matches_safetensors(zygote, tmp_pat
     r = write_recipe(tmp_path / "r.yaml", doc)
     run = zygote.run("apply", str(r), env={"WEIGHTX_CACHE": str(tmp_path / "cache")})
     assert run.code == 0, run.stderr
-    shard = "model-00001-of-00001.safetensors"
+    shard = "model.safetensors"  # a single-shard output, named as transformers names it
     assert (tmp_path / "out" / shard).read_bytes() == (tmp_path / "ref" / shard).read_bytes()
     assert list((tmp_path / "cache" / "staged").glob("*.safetensors"))  # staged once, reused by later runs
     assert json.loads((tmp_path / "out" / "weightx.json").read_text())["recipe"]["allow_pickle"] is True

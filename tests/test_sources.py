@@ -61,7 +61,7 @@ def test_index_naming_missing_shard_is_one_line(family, tmp_path):
 
     broken = tmp_path / "broken"
     shutil.copytree(family["dpo"], broken)
-    next(broken.glob("model-*.safetensors")).unlink()
+    next(broken.glob("model*.safetensors")).unlink()
     r = run_cli("inspect", str(broken))
     assert r.returncode == 1 and "missing" in r.stderr and "Traceback" not in r.stderr
 

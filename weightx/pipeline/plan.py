@@ -108,6 +108,10 @@ class Plan:
 
 
 def shard_names(n: int) -> list[str]:
+    """Shard file names as transformers writes them: `model.safetensors` alone, else numbered.
+    (The index is written either way: DESIGN.md's output layout has it in every output.)"""
+    if n == 1:
+        return ["model.safetensors"]
     return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
 

@@ -15,7 +15,6 @@ from typing import Any, Callable
 
 from weightx.errors import WeightxError
 from weightx.inspect import inspect_source
-from weightx.io.files import is_regular
 from weightx.io.verify import render_verify, verify
 from weightx.pipeline.plan import Plan, human_bytes
 from weightx.pipeline.planner import build_plan, render_plan
@@ -31,16 +30,6 @@ from weightx.validate.tasks import load_tasks, resolve_tasks
 #   "log" (str: a progress line), "sweep" (the sweep's outcome), "written" (ApplyResult),
 #   "validation" (the validation, before a failed gate raises), "push" (PushResult).
 Report = Callable[[str, Any], None]
-
-
-def _recipe_dir(recipe: Recipe | str | Path | dict) -> Path | None:
-    """Where a recipe's relative paths start: its file's folder, also for a `Recipe.load`ed object
-    (a piped recipe, `<(cat r.yaml)`, and a dict: the working directory)."""
-    if isinstance(recipe, Recipe):
-        return recipe.folder
-    if isinstance(recipe, (str, Path)) and is_regular(Path(recipe)):
-        return Path(recipe).resolve().parent
-    return None
 
 
 def _main_rank() -> bool:
@@ -67,8 +56,8 @@ def apply(
     With a `push:` block the output is then published to the Hub (`push=False` skips it)."""
     say: Report = report or (lambda event, value: None)
     log = lambda message: say("log", message)  # noqa: E731
-    recipe_dir = _recipe_dir(recipe)
     r = load_recipe(recipe, overrides)
+    recipe_dir = r.folder  # relative paths start at the recipe file's folder (a dict or a pipe: the cwd)
     sweep = tasks = None
     if r.sweep is not None:  # evaluate every candidate in memory; only the winner is written
         r, sweep, tasks = run_recipe_sweep(r, output=output, recipe_dir=recipe_dir, device=device, validate=validate, log=log)
@@ -106,14 +95,15 @@ def apply(
 
 def plan(recipe: Recipe | str | Path | dict, *, output: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Plan:
     """Resolve the inputs and build the plan from their headers; nothing is computed or written."""
-    return build_plan(load_recipe(recipe, overrides), output, _recipe_dir(recipe))
+    r = load_recipe(recipe, overrides)
+    return build_plan(r, output, r.folder)
 
 
 def describe_plan(recipe: Recipe | str | Path | dict, *, output: str | Path | None = None,
                   overrides: list[str] | tuple[str, ...] = ()) -> str:
     """`weightx plan`: the plan as text, with the sweep it stands for."""
     r = load_recipe(recipe, overrides)
-    text = render_plan(build_plan(r, output, _recipe_dir(recipe)))
+    text = render_plan(build_plan(r, output, r.folder))
     return text + (f"\n{r.sweep.describe()}" if r.sweep is not None else "")
 
 

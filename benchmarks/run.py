@@ -43,7 +43,19 @@ DEFAULT_GENERATOR = REPO.parent / "shared" / "bench" / "gen_checkpoints.py"
 DEFAULT_MERGEKIT_VENV = HERE / ".venv-mergekit"
 STAMP = ".bench-complete.json"
 ROLES = ("base", "sft", "dpo")
-TOOLS = ("weightx", "mergekit", "floor")
+TOOLS = ("weightx", "weightx-warm", "weightx-nohash", "mergekit", "floor")
+DEFAULT_TOOLS = ("weightx", "mergekit", "floor")
+# weightx contenders: the product (first run: it hashes its inputs), a rerun whose input hashes are
+# cached, and a comparison-only run without provenance (WEIGHTX_BENCH_NO_HASH: no input or output
+# sha256; the product never skips them) that prices the hashing as its own line.
+WEIGHTX_TOOLS = ("weightx", "weightx-warm", "weightx-nohash")
+# Presets the generator does not know: its default preset with these sizes.
+SIZE_PRESETS = {
+    # Llama-2-7B's shape: 6.74B parameters, 13.5 GB per checkpoint in bf16 (3 checkpoints: 40 GB).
+    "7b": ["--hidden", "4096", "--intermediate", "11008", "--layers", "32", "--heads", "32",
+           "--kv-heads", "32", "--vocab", "32000"],
+}
+PRESETS = ("default", "small", "tiny", *SIZE_PRESETS)
 MB = 1024 * 1024
 
 # Exit statuses / messages that mean "this weightx does not know that edit yet".
@@ -415,7 +427,9 @@ def ensure_data(args: argparse.Namespace) -> Path:
     tmp = data.with_name(data.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     if gen.exists():
-        cmd = [py, str(gen), str(tmp), "--preset", args.preset, *gen_args]
+        preset = ["--preset", "default", *SIZE_PRESETS[args.preset]] if args.preset in SIZE_PRESETS \
+            else ["--preset", args.preset]
+        cmd = [py, str(gen), str(tmp), *preset, *gen_args]
     elif args.preset == "tiny" and not gen_args:
         # A bare clone has no ../shared: the smoke test still runs on weightx's own tiny family
         # (base, sft = base + noise, dpo = sft + noise), which is all the tiny preset is for.
@@ -556,7 +570,8 @@ def summarize(runs: List[Run]) -> List[Dict[str, Any]]:
         row["wall_vs_floor"] = w / fl["wall_median_s"] if (w and fl) else None
     order = {t: i for i, t in enumerate(TOOLS)}
     rows.sort(key=lambda r: (DEFAULT_CASES.index(r["case"]) if r["case"] in DEFAULT_CASES
-                             else 99, order.get(r["tool"], 9)))
+                             else 99, order.get(r["tool"].partition("@")[0], 9),
+                             int(r["tool"].partition("@")[2] or 0)))
     return rows
 
 
@@ -595,13 +610,17 @@ def markdown(rows: List[Dict[str, Any]], gpu: bool) -> str:
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=["default", "small", "tiny"], default="default")
+    ap.add_argument("--preset", choices=PRESETS, default="default",
+                    help="default (1.29 GB per checkpoint, start-up dominates), small, tiny (smoke "
+                         "test) or 7b (13.5 GB per checkpoint; the headline numbers)")
     ap.add_argument("--repeats", type=int, default=None,
                     help="runs per tool and case, interleaved (default 3; 1 for tiny)")
     ap.add_argument("--data", help="checkpoint cache (default benchmarks/data/<preset>[-hash])")
     ap.add_argument("--only", help="comma list of cases: " + ",".join(DEFAULT_CASES))
-    ap.add_argument("--tools", default=",".join(TOOLS),
-                    help="comma list of contenders (default weightx,mergekit,floor)")
+    ap.add_argument("--tools", default=",".join(DEFAULT_TOOLS),
+                    help="comma list of contenders: " + ", ".join(TOOLS) + "; a weightx one may "
+                         "end in @N to run on N cores (a thread sweep: weightx@1,weightx@2); "
+                         "default " + ",".join(DEFAULT_TOOLS))
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     ap.add_argument("--json", help="write every run and the summary here")
     ap.add_argument("--generator", default=str(DEFAULT_GENERATOR),
@@ -647,8 +666,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             ap.error(f"unknown case {c!r}; choose from {', '.join(CASES)}")
     args.tool_list = [t.strip() for t in args.tools.split(",") if t.strip()]
     for t in args.tool_list:
-        if t not in TOOLS:
-            ap.error(f"unknown tool {t!r}; choose from {', '.join(TOOLS)}")
+        name, _, cores = t.partition("@")
+        if name not in TOOLS:
+            ap.error(f"unknown tool {t!r}; choose from {', '.join(TOOLS)} (weightx ones may end in "
+                     "@N: run on N cores)")
+        if cores and (name not in WEIGHTX_TOOLS or not cores.isdigit() or not 0 < int(cores) <= (os.cpu_count() or 1)):
+            ap.error(f"{t!r}: @N is for weightx contenders, with 1 <= N <= {os.cpu_count()} cores")
     try:
         args.shard_bytes = _parse_size(args.shard_size)
     except argparse.ArgumentTypeError as e:
@@ -675,7 +698,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     # Contenders.
     wx_cmd = mk_cmd = None
-    if "weightx" in args.tool_list:
+    wx_tools = [t for t in args.tool_list if t.partition("@")[0] in WEIGHTX_TOOLS]
+    if wx_tools:
         wx_cmd = weightx_command(args.weightx)
         why = "not found (install the project into .venv or pass --weightx)" if wx_cmd is None \
             else _probe(wx_cmd, env)
@@ -727,12 +751,17 @@ def main(argv: Optional[List[str]] = None) -> int:
             # Contender commands for this case.
             cmds: Dict[str, Callable[[Path], List[str]]] = {}
             if wx_cmd:
-                def _wx(out: Path, case=case, cdir=cdir) -> List[str]:
-                    recipe = cdir / "recipe.yaml"
-                    recipe.write_text(_yaml(case.weightx(models, str(out), args.shard_size)))
-                    return [*wx_cmd, "apply", str(recipe), "--output", str(out),
-                            "--device", args.device, "--no-validate", "--no-push", *wx_extra]
-                cmds["weightx"] = _wx
+                for tool in wx_tools:
+                    cores = tool.partition("@")[2]
+
+                    def _wx(out: Path, case=case, cdir=cdir, cores=cores) -> List[str]:
+                        recipe = cdir / "recipe.yaml"
+                        recipe.write_text(_yaml(case.weightx(models, str(out), args.shard_size)))
+                        pin = (["taskset", "-c", f"0-{int(cores) - 1}", "env", f"OMP_NUM_THREADS={cores}"]
+                               if cores else [])
+                        return [*pin, *wx_cmd, "apply", str(recipe), "--output", str(out),
+                                "--device", args.device, "--no-validate", "--no-push", *wx_extra]
+                    cmds[tool] = _wx
             if mk_cmd and case.mergekit:
                 def _mk(out: Path, case=case, cdir=cdir) -> List[str]:
                     cfg = cdir / "mergekit.yaml"
@@ -764,7 +793,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                             *map(str, inputs)]
                 cmds["floor"] = _floor
 
-            if case.output_format == "delta" and "weightx" not in cmds:
+            if case.output_format == "delta" and not any(t in cmds for t in wx_tools):
                 skipped[name] = "weightx-only case and weightx is not available"
                 continue
             print(f"\n## {name}: {case.note} — inputs {in_bytes / 1e9:.2f} GB, "
@@ -773,28 +802,35 @@ def main(argv: Optional[List[str]] = None) -> int:
             subprocess.run(["cat", *map(str, inputs)], stdout=subprocess.DEVNULL, check=False)
             case_skip = None
             tool_skip: set = set()
-            if "weightx" in cmds and args.weightx_hash_cache == "warm":
+            def warm(tool: str) -> bool:
+                base = tool.partition("@")[0]
+                return base == "weightx-warm" or (base == "weightx" and args.weightx_hash_cache == "warm")
+
+            warm_tools = [t for t in wx_tools if t in cmds and warm(t)]
+            if warm_tools:
                 # Untimed warm-up: fills the shared input-hash cache for this case's inputs.
                 out = cdir / "out-weightx-warmup"
                 wenv = dict(env, WEIGHTX_CACHE=str(workdir / "weightx-cache"))
-                r = subprocess.run(cmds["weightx"](out), cwd=cdir, env=wenv,
+                r = subprocess.run(cmds[warm_tools[0]](out), cwd=cdir, env=wenv,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 shutil.rmtree(out, ignore_errors=True)
                 print(f"  {name:8s} weightx  warm-up run (untimed): rc={r.returncode}",
                       file=sys.stderr)
             keep_for_verify: Dict[str, Path] = {}
             for rep in range(args.repeats):
-                for tool in [t for t in TOOLS if t in cmds]:
+                for tool in [t for t in args.tool_list if t in cmds]:
                     if case_skip or tool in tool_skip:
                         continue
                     out = cdir / f"out-{tool}-{rep}"
                     cmd = cmds[tool](out)
                     log = cdir / f"{tool}-{rep}.log"
                     renv = env
-                    if tool == "weightx":
-                        cache = (workdir / "weightx-cache" if args.weightx_hash_cache == "warm"
-                                 else cdir / f"weightx-cache-{rep}")
+                    if tool in wx_tools:
+                        cache = (workdir / "weightx-cache" if warm(tool)
+                                 else cdir / f"weightx-cache-{tool}-{rep}")
                         renv = dict(env, WEIGHTX_CACHE=str(cache))
+                        if tool.startswith("weightx-nohash"):
+                            renv["WEIGHTX_BENCH_NO_HASH"] = "1"
                     res = measure(cmd, cwd=cdir, env=renv, log=log, timeout=args.timeout,
                                   interval=args.interval, gpu=gpu and tool != "floor")
                     run = Run(case=name, tool=tool, repeat=rep, cmd=cmd, **res)
@@ -802,7 +838,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     run.output_bytes = _dir_bytes(out) if out.exists() else 0
                     if not run.ok:
                         run.stderr_tail = _tail(log)
-                        if tool == "weightx" and UNKNOWN_EDIT.search(run.stderr_tail):
+                        if tool in wx_tools and UNKNOWN_EDIT.search(run.stderr_tail):
                             # A feature weightx does not have yet: skip, don't fail.
                             why = ("weightx does not support this yet: "
                                    + run.stderr_tail.strip().splitlines()[-1].strip()[:200])
@@ -816,7 +852,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                             shutil.rmtree(out, ignore_errors=True)
                             continue
                         failed = True
-                    elif tool == "weightx":
+                    elif tool in wx_tools:
                         out_sizes.append(run.output_bytes)
                     runs.append(run)
                     status = "ok" if run.ok else ("TIMEOUT" if run.timed_out
@@ -829,8 +865,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                         print("    " + run.stderr_tail.strip().replace("\n", "\n    ")[-1500:],
                               file=sys.stderr)
                     last = rep == args.repeats - 1
-                    if args.verify and last and run.ok and tool in ("weightx", "mergekit") \
+                    if args.verify and last and run.ok and tool == (wx_tools or [""])[0] \
                             and case.mergekit:
+                        keep_for_verify["weightx"] = out  # compared below, then deleted
+                    elif args.verify and last and run.ok and tool == "mergekit" and case.mergekit:
                         keep_for_verify[tool] = out  # compared below, then deleted
                     else:
                         shutil.rmtree(out, ignore_errors=True)

@@ -65,7 +65,7 @@ def test_streamed_equals_in_memory_weighted_mean(merge_family, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("block", [7, 1000, 1 << 20])
+@pytest.mark.parametrize("block", [7, 1000, 1 << 18, 1 << 20])
 def test_block_size_does_not_change_bytes(family, tmp_path, block):
     recipe = load_recipe(expo_recipe(family["sft"], family["dpo"], tmp_path / "unused", 0.3))
     plan = build_plan(recipe)

@@ -24,7 +24,8 @@ import torch
 
 from weightx.edits.base import TensorContext
 from weightx.errors import InputError, UsageError
-from weightx.io.safetensors import DTYPES, MappedFile
+from weightx.io.provenance import Pacer
+from weightx.io.safetensors import DTYPES, MappedFile, TensorInfo
 from weightx.io.sources import Source
 from weightx.kernels.topk import PooledBlocks
 from weightx.pipeline.plan import Plan, TensorPlan
@@ -67,10 +68,12 @@ class TensorStats:
 
 
 class Inputs:
-    """Open mappings of every input shard, created on first use."""
+    """Open mappings of every input shard, created on first use. `pacer` (the run's input hashes)
+    hears before each tensor is read where the reads will end."""
 
-    def __init__(self) -> None:
+    def __init__(self, pacer: Pacer | None = None) -> None:
         self._maps: dict[Path, MappedFile] = {}
+        self.pacer = pacer
 
     def get(self, src: Source, name: str) -> tuple[MappedFile, object]:
         shard = src.weight_map[name]
@@ -175,12 +178,20 @@ class TensorComputer:
             base = self.load(self.plan.base, t, start, count)
         return self.load(src, t, start, count, out=out).sub_(base)
 
-    def prefetch(self, t: TensorPlan) -> None:
+    def _mapped(self, t: TensorPlan) -> list[tuple[MappedFile, TensorInfo]]:
         srcs = [self.plan.config_source] if not t.edit else [self.plan.base] + [s for _, s in self.plan.deltas]
-        for src in srcs:
-            if src.artifact is not None and src.artifact.is_compressed(t.name):
-                continue
-            mf, info = self.inputs.get(src, t.name)
+        return [self.inputs.get(src, t.name) for src in srcs if src.artifact is None or not src.artifact.is_compressed(t.name)]
+
+    def reading(self, t: TensorPlan) -> None:
+        """Tell the run's input hashes how far the reads of tensor t go (waiting if they lag far behind)."""
+        if self.inputs.pacer is not None:
+            for mf, info in self._mapped(t):
+                self.inputs.pacer.reading(mf.header.path, mf.header.data_start + info.end)
+
+    def prefetch(self, t: TensorPlan) -> None:
+        """Ask the kernel to read tensor t's input bytes now (madvise WILLNEED; it can block while it
+        queues the reads, so the engine calls it from a thread of its own)."""
+        for mf, info in self._mapped(t):
             mf.prefetch(info, 0, info.numel)
 
     def streams(self, t: TensorPlan) -> bool:
@@ -385,7 +396,9 @@ class TensorComputer:
             ctx = TensorContext(t.name, t.shape, start, states.get("combine"))
         combined = self.plan.recipe.combine.combine(deltas, list(self.weights), ctx).reshape(-1)
         if part is not None:
-            part.combined = _sq(combined)
+            # One delta with weight 1 (ExPO, DARE alone) combines to itself: its norm is known.
+            same = len(deltas) == 1 and combined.data_ptr() == deltas[0].data_ptr() and combined.numel() == deltas[0].numel()
+            part.combined = part.after[0] if same else _sq(combined)
         x = base.add_(combined)
         out_dtype = DTYPES[t.out_dtype]
         out = x.to(out_dtype)

@@ -22,7 +22,7 @@ import torch
 
 from weightx.errors import InputError, RankFailed, WeightxError
 from weightx.io.output import discard, finalize, keep_beside, write_failed, write_json
-from weightx.io.provenance import Hasher
+from weightx.io.provenance import Hasher, Pacer
 from weightx.pipeline.card import render_card
 from weightx.pipeline.compute import TensorStats, pick_device
 from weightx.pipeline.distill import distill_plan
@@ -126,13 +126,18 @@ def execute(plan: Plan, *, device: str = "auto", overwrite: bool = False, progre
     # Each input file is hashed by the lowest rank that reads it, so no rank reads more than it needs.
     needs = ranks.gather(sorted(str(p) for p in _input_files(plan, mine)))
     owners = ranks.broadcast({f: r for r in reversed(range(len(needs))) for f in needs[r]} if ranks.is_main else None)
-    hasher = Hasher(sorted(Path(f) for f, r in owners.items() if r == ranks.rank))
+    pacer = Pacer()  # the input hashes follow the engine's reads
+    hasher = Hasher(sorted(Path(f) for f, r in owners.items() if r == ranks.rank), pacer)  # reads ahead where hashes are known
     before = identities(_input_files(plan, mine))
     fp = fingerprint(plan, dev.type)
     held = contextlib.ExitStack()  # rank 0's output lock; released in the last finally
-    tmp_name, adopted = ranks.on_main(lambda: start_output(plan.out_path, overwrite, held, fp, {s.filename for s in plan.shards}))
-    tmp = Path(tmp_name)
-    resume = ResumeLog(plan, tmp, fp, ranks.rank, adopted)  # shards finished by a killed run were verified and kept
+    try:
+        tmp_name, adopted = ranks.on_main(lambda: start_output(plan.out_path, overwrite, held, fp, {s.filename for s in plan.shards}))
+        tmp = Path(tmp_name)
+        resume = ResumeLog(plan, tmp, fp, ranks.rank, adopted)  # shards finished by a killed run were verified and kept
+    except BaseException:
+        pacer.release()  # no hash thread waits for reads that will not come
+        raise
     close_bar: Callable[[], None] = lambda: None  # noqa: E731
     error: BaseException | None = None
     stats: dict[str, TensorStats] = {}
@@ -145,7 +150,11 @@ def execute(plan: Plan, *, device: str = "auto", overwrite: bool = False, progre
             raise RuntimeError(f"injected failure on rank {ranks.rank}")  # for the scale-out tests
         if ranks.is_main:
             _preload("huggingface_hub.repocard")  # the card needs it at the end; import while streaming
-        stats = write_shards(plan, tmp, dev, update, shards=[s for s in mine if s.filename not in adopted], on_shard=resume.add, run=state)
+        try:
+            stats = write_shards(plan, tmp, dev, update, shards=[s for s in mine if s.filename not in adopted], on_shard=resume.add,
+                                 run=state, pacer=pacer)
+        finally:
+            pacer.release()  # what is left to hash (files of resumed shards) goes at full speed
         stats.update(resume.stats({s.filename for s in mine} & set(adopted)))
         hashes = hasher.result()
         changed = [p for p, ident in before.items() if identities([p]).get(p) != ident]
@@ -155,6 +164,7 @@ def execute(plan: Plan, *, device: str = "auto", overwrite: bool = False, progre
     except BaseException as e:
         error = e
     finally:
+        pacer.release()
         close_bar()
     doc: dict = {}
     final, accepted = plan.out_path, True

@@ -872,11 +872,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                         keep_for_verify[tool] = out  # compared below, then deleted
                     else:
                         shutil.rmtree(out, ignore_errors=True)
+                    if len(keep_for_verify) == 2 and name not in verify:
+                        # Compared (untimed) and deleted at once: at 7B the two kept outputs
+                        # (27 GB) would otherwise leave the next contender no disk to write on.
+                        verify[name] = compare_outputs(name, keep_for_verify["weightx"],
+                                                       keep_for_verify["mergekit"], models, args)
+                        print(f"  {name:8s} verify: {verify[name].get('summary')}", file=sys.stderr)
+                        for p in keep_for_verify.values():
+                            shutil.rmtree(p, ignore_errors=True)
                     os.sync()  # flush dirty pages now, not during the next contender's run
-            if len(keep_for_verify) == 2:
-                verify[name] = compare_outputs(name, keep_for_verify["weightx"],
-                                               keep_for_verify["mergekit"], models, args)
-                print(f"  {name:8s} verify: {verify[name].get('summary')}", file=sys.stderr)
             for p in keep_for_verify.values():
                 shutil.rmtree(p, ignore_errors=True)
     finally:

@@ -52,7 +52,7 @@ def verify(path: str | Path) -> VerifyResult:
         if not f.is_file():
             result.bad.append(f"{name}: missing")
         elif not isinstance(want, str):
-            result.bad.append(f"{name}: weightx.json records no sha256 for it (written by an older weightx); cannot verify")
+            result.bad.append(f"{name}: weightx.json records no sha256 for it (written by an older weightx, or with WEIGHTX_BENCH_NO_HASH=1); cannot verify")
         elif f.stat().st_size != entry.get("size", f.stat().st_size):
             result.bad.append(f"{name}: size {f.stat().st_size} bytes, weightx.json says {entry.get('size')}")
         else:

@@ -31,7 +31,6 @@ def small_pacing(monkeypatch):
     monkeypatch.setattr(provenance, "CHUNK", 4 * KB)
     monkeypatch.setattr(Pacer, "LOOKAHEAD", 16 * KB)
     monkeypatch.setattr(Pacer, "LAG", 64 * KB)
-    monkeypatch.setenv("WEIGHTX_CACHE", "")  # set per test below
 
 
 def _files(tmp_path: Path, sizes: list[int]) -> list[Path]:
@@ -240,7 +239,8 @@ def test_the_hash_cache_forgets_files_that_are_gone(tmp_path, monkeypatch):
     Hasher(files).result()
     assert len(json.loads(provenance.cache_path().read_text())) == 2
     files[0].unlink()
-    (g,) = _files(tmp_path / "more", [3000]) if (tmp_path / "more").mkdir() is None else []
+    (tmp_path / "more").mkdir()
+    (g,) = _files(tmp_path / "more", [3000])
     Hasher([g]).result()
     keys = json.loads(provenance.cache_path().read_text())
     assert len(keys) == 2 and not any(k.startswith(str(files[0]) + "|") for k in keys)

@@ -272,7 +272,6 @@ class Hasher:
     (`Pacer`), so files read side by side are hashed side by side, on as many cores as that takes."""
 
     def __init__(self, paths: list[Path], pacer: Pacer | None = None):
-        self._paths = paths
         self._pacer = pacer
         self._out: dict[str, str] = {}
         self._new: dict[str, str] = {}
@@ -284,23 +283,17 @@ class Hasher:
         _early.clear()
         _early_stop.clear()
         cache = _load_cache()
+        hashing = hashing_enabled()
         todo: list[_Running] = []
-        for p in paths:
-            try:
+        try:
+            for p in paths:
                 key = _key(p)
-            except OSError as e:
-                self._error = e
-                break
-            try:
-                if key in cache or not hashing_enabled():
-                    if key in cache:
-                        self._out[str(p)] = cache[key]
-                    continue
-                todo.append(_adopt(p))
-            except OSError as e:
-                self._error = e
-                break
-        if self._error is not None:
+                if key in cache:
+                    self._out[str(p)] = cache[key]
+                elif hashing:
+                    todo.append(_adopt(p))
+        except OSError as e:  # surfaced by result()
+            self._error = e
             todo = []
         if pacer is None:
             self._threads = [threading.Thread(target=self._run, args=(todo,), name="weightx-hash", daemon=True)]

@@ -189,8 +189,8 @@ class TensorComputer:
                 self.inputs.pacer.reading(mf.header.path, mf.header.data_start + info.end)
 
     def prefetch(self, t: TensorPlan) -> None:
-        """Ask the kernel to read tensor t's input bytes now (madvise WILLNEED; it can block while it
-        queues the reads, so the engine calls it from a thread of its own)."""
+        """Ask the kernel to read tensor t's input bytes now (posix_fadvise WILLNEED; it can block while
+        it queues the reads, so the engine calls it from a thread of its own)."""
         for mf, info in self._mapped(t):
             mf.prefetch(info, 0, info.numel)
 

@@ -10,6 +10,7 @@ tensor, whatever the model size.
 from __future__ import annotations
 
 import contextlib
+import functools
 import queue
 import threading
 from collections import deque
@@ -26,9 +27,7 @@ from weightx.pipeline.plan import Plan, TensorPlan
 from weightx.pipeline.state import RunState
 
 
-_MALLOC_TUNED = []
-
-
+@functools.cache
 def _tune_malloc() -> None:
     """Keep freed block buffers in the process instead of handing them back to the kernel.
 
@@ -37,9 +36,6 @@ def _tune_malloc() -> None:
     7B merge, ~3 million page faults and a third of the run's kernel time. A 32 MB mmap threshold
     (glibc's maximum) and a 64 MB trim threshold keep them reusable. Process-wide and glibc-only,
     set once; elsewhere this does nothing."""
-    if _MALLOC_TUNED:
-        return
-    _MALLOC_TUNED.append(True)
     try:
         import ctypes  # a glibc call: no need to load ctypes unless a run starts
 
@@ -165,7 +161,7 @@ def write_shards(
     threads = torch.get_num_threads()
     workers = threads if (device.type == "cpu" and threads > 1 and workers is None) else (workers or 1)
     pool = ThreadPoolExecutor(workers, thread_name_prefix="weightx-compute") if workers > 1 else None
-    # madvise(WILLNEED) queues the next tensor's reads and can block for a while doing it: on its
+    # Asking the kernel for the next tensor's reads can block for a while as it queues them: on its
     # own thread, so the thread that feeds the block pool never waits on it.
     prefetcher = ThreadPoolExecutor(1, thread_name_prefix="weightx-prefetch")
     computer = TensorComputer(plan, inputs, device, block, pool, workers, run)

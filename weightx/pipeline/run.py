@@ -127,7 +127,7 @@ def execute(plan: Plan, *, device: str = "auto", overwrite: bool = False, progre
     needs = ranks.gather(sorted(str(p) for p in _input_files(plan, mine)))
     owners = ranks.broadcast({f: r for r in reversed(range(len(needs))) for f in needs[r]} if ranks.is_main else None)
     pacer = Pacer()  # the input hashes follow the engine's reads
-    hasher = Hasher(sorted(Path(f) for f, r in owners.items() if r == ranks.rank), pacer)  # reads ahead where hashes are known
+    hasher = Hasher(sorted(Path(f) for f, r in owners.items() if r == ranks.rank), pacer)
     before = identities(_input_files(plan, mine))
     fp = fingerprint(plan, dev.type)
     held = contextlib.ExitStack()  # rank 0's output lock; released in the last finally

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import weightx
 from weightx.combine.ties import Ties
 from weightx.edits.base import TensorContext
 from weightx.edits.dare import Dare
@@ -173,7 +172,7 @@ def _read(folder: Path) -> dict[str, bytes]:
         ({"ties": {"density": 0.5}}, [[{"dare": {"drop": 0.3, "rescale": "l1", "seed": 1}}], [{"magnitude": {"density": 0.7}}]]),
     ],
 )
-@pytest.mark.parametrize("cache", ["decoded once", "re-read per pass"])
+@pytest.mark.parametrize("cache", ["decoded once", "leading blocks decoded once", "re-read per pass"])
 def test_engine_streams_and_equals_the_whole_tensor_path(merge_family, tmp_path, monkeypatch, combine, edits, cache):
     """Pre-passes on the block pool, over blocks decoded once (PASS_CACHE_BYTES) or re-read from
     the mappings each pass, give the bytes of the whole-tensor path."""
@@ -191,8 +190,12 @@ def test_engine_streams_and_equals_the_whole_tensor_path(merge_family, tmp_path,
     plan = build_plan(load_recipe(doc), tmp_path / "unused")
     big = max(plan.tensors, key=lambda t: t.numel)
     assert TensorComputer(plan, None, torch.device("cpu")).streams(big)
+    blocks = ((1 << 15, 2), (1 << 20, 1), (1 << 16, 3))
+    if cache == "leading blocks decoded once":  # about half the largest tensor's blocks fit
+        blocks = ((1 << 10, 2), (1 << 11, 1), (3000, 3))
+        monkeypatch.setattr(engine, "PASS_CACHE_BYTES", big.numel // 2 * 4 * 2)
     got = {}
-    for block, workers in ((1 << 15, 2), (1 << 20, 1), (1 << 16, 3)):
+    for block, workers in blocks:
         folder = tmp_path / f"b{block}w{workers}"
         folder.mkdir()
         write_shards(plan, folder, torch.device("cpu"), block=block, workers=workers)
@@ -301,9 +304,17 @@ def test_decoded_tensors_share_one_buffer_and_never_overlap(merge_family, tmp_pa
     comp.prepare(b)
     assert comp._cache[b.name][0][0].data_ptr() == first  # reused, not reallocated
     comp.release(b)
-    monkeypatch.setattr(engine, "PASS_CACHE_BYTES", 0)  # a tensor too big for the cache …
+    comp.release(b)
+    # A tensor bigger than the budget caches its leading blocks only, in the same buffer (never
+    # a second one: the arena is the budget), and reads the rest from the mappings.
+    monkeypatch.setattr(engine, "PASS_CACHE_BYTES", 3 * (1 << 10) * 4 * 2 + 100)  # 3 blocks of 2 deltas
     comp.prepare(a)
-    assert comp._arena is None and not comp._cache  # … streams without the buffer held
+    assert sorted(comp._cache[a.name]) == [0, 1 << 10, 2 << 10]
+    assert comp._cache[a.name][0][0].data_ptr() == first
+    monkeypatch.setattr(engine, "PASS_CACHE_BYTES", 0)  # no room for one block: nothing cached
+    comp.release(a)
+    comp.prepare(a)
+    assert not comp._cache
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from weightx.edits import TensorContext
 from weightx.errors import RecipeError
 from weightx.recipe.model import load_recipe
 from weightx.testing import load_state_dict
-from sparsify_helpers import np_drop_mask, np_keep_count, np_ties, np_topk_mask
+from sparsify_helpers import np_drop_mask, np_ties, np_topk_mask
 
 Ties = COMBINES["ties"]
 TAU = [[0.5, -0.2, 0.0, 0.1], [0.3, 0.4, -0.1, -0.1], [-0.6, 0.1, 0.0, 0.0]]

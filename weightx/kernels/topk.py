@@ -208,6 +208,10 @@ def each_block(blocks: Blocks, fn: Callable[[int, list[torch.Tensor]], T], reado
     return (fn(start, xs) for start, xs in blocks())
 
 
+def _as_int16(u: int) -> int:
+    return u - (1 << 16) if u >= 1 << 15 else u
+
+
 def _mags(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1).view(torch.int32).bitwise_and(_ABS)
 
@@ -238,8 +242,11 @@ def select_blocks(blocks: Blocks, n: int, ks: list[int]) -> list[Selection]:
 
     # The k-th bucket's members (low 16 bits) of each block are kept, up to MEMBER_BYTES in all, so
     # the ties at v per block are counted from them instead of in a third pass over the blocks.
+    # They are copied, as int16, into one buffer: hundreds of small long-lived arrays interleaved
+    # with the block buffers kept glibc from reusing or returning those (+250 MB peak on a 7B TIES).
+    store = torch.empty(MEMBER_BYTES // 2, dtype=torch.int16)
     kept: dict[int, dict[int, torch.Tensor | None]] = {i: {} for i in live}
-    budget = [MEMBER_BYTES]
+    used = 0
 
     def low(start: int, xs: list[torch.Tensor]) -> tuple[int, dict[int, torch.Tensor], dict[int, torch.Tensor]]:
         hists, members = {}, {}
@@ -252,8 +259,13 @@ def select_blocks(blocks: Blocks, n: int, ks: list[int]) -> list[Selection]:
     for start, hists, members in each_block(blocks, low, readonly=True):
         for i in live:
             lo_hist[i] += hists[i]
-            budget[0] -= members[i].numel() * 4
-            kept[i][start] = members[i] if budget[0] >= 0 else None
+            m = members[i].numel()
+            if used + m <= store.numel() and used >= 0:
+                kept[i][start] = store[used:used + m].copy_(members[i].cpu().to(torch.int16))
+                used += m
+            else:
+                kept[i][start], used = None, -1  # over the budget: pass 3 counts from the blocks
+        del members
     for i in live:
         b, above = bucket[i]
         lo, above_lo = _kth_bucket(lo_hist[i], sels[i].k - above)
@@ -269,7 +281,8 @@ def select_blocks(blocks: Blocks, n: int, ks: list[int]) -> list[Selection]:
             counted = list(each_block(blocks, ties_at_v, readonly=True))
         else:
             starts = list(kept[split[0]])
-            counted = [(st, {i: _count_equal(kept[i][st], sels[i].v & 0xFFFF) for i in split})
+            # Stored as int16: the low 16 bits wrap, and so does the value compared.
+            counted = [(st, {i: _count_equal(kept[i][st], _as_int16(sels[i].v & 0xFFFF)) for i in split})
                        for st in starts]
         seen = {i: 0 for i in split}
         for start, counts in counted:  # prefix sums in block order

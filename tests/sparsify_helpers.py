@@ -15,8 +15,10 @@ U32 = np.uint32
 C1, C2 = U32(0x7FEB352D), U32(0x846CA68B)
 
 
-def seed_key(seed: int, name: str) -> int:
-    digest = hashlib.sha256(f"{seed}\0{name}".encode()).digest()
+def seed_key(seed: int | None, name: str, delta: str | None = None) -> int:
+    """An explicit seed keys by (seed, name); no seed by (delta alias, name)."""
+    text = f"{seed}\0{name}" if seed is not None else f"delta={delta}\0{name}"
+    digest = hashlib.sha256(text.encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
@@ -39,9 +41,9 @@ def np_hash(key: int, start: int, count: int) -> np.ndarray:
     return lowbias32(lowbias32(i ^ k0) ^ k1)
 
 
-def np_drop_mask(seed: int, name: str, count: int, p: float, start: int = 0) -> np.ndarray:
+def np_drop_mask(seed: int | None, name: str, count: int, p: float, start: int = 0, delta: str | None = None) -> np.ndarray:
     """u < p with u = (h >> 8) / 2²⁴, evaluated in float64."""
-    u = (np_hash(seed_key(seed, name), start, count) >> U32(8)).astype(np.float64) / 2.0**24
+    u = (np_hash(seed_key(seed, name, delta), start, count) >> U32(8)).astype(np.float64) / 2.0**24
     return u < p
 
 

@@ -24,6 +24,7 @@ Dare = EDITS["dare"]
 
 def run_dare(delta: np.ndarray, name: str = "w", **kw) -> np.ndarray:
     d = torch.tensor(delta, dtype=torch.float32)
+    kw.setdefault("seed", 0)  # the numpy references below key by seed 0; the default is tested apart
     return Dare(**kw).apply(d, TensorContext(name, tuple(d.shape))).numpy()
 
 
@@ -307,3 +308,38 @@ def test_dare_expo_recipe_runs_and_is_dare_then_expo(family, tmp_path):
         mask = np_drop_mask(dare.seed, name, delta.size, 0.9).reshape(delta.shape)
         expected = base.astype(np.float64) + 1.1 * np_dare(delta, mask, 0.9)
         assert np.allclose(o.numpy(), expected, rtol=1e-6, atol=1e-7), name
+
+
+@pytest.mark.parametrize("seeds", [(None, None), (7, 7)], ids=["default: independent", "shared explicit seed"])
+def test_masks_are_independent_per_delta_by_default_and_shared_on_request(merge_family, tmp_path, seeds):
+    """Two deltas with DARE and no seed get independent masks keyed by their aliases (P(kept in
+    code | kept in math) ≈ 1 − p, not 1); the same explicit seed on both gives them one mask.
+    Every tensor also equals base + Σ DARE(δ_i) computed in numpy from the documented keys."""
+    p = 0.5
+    doc = {
+        "models": {k: str(merge_family[k]) for k in ("base", "math", "code")},
+        "base": "base",
+        "deltas": [{"model": m, "edits": [{"dare": {"drop": p} | ({"seed": s} if s is not None else {})}]}
+                   for m, s in zip(("math", "code"), seeds)],
+        "output": {"path": str(tmp_path / "out"), "dtype": "float32"},
+    }
+    out = load_state_dict(weightx.apply(doc).path)
+    sd = {k: load_state_dict(merge_family[k]) for k in ("base", "math", "code")}
+    both = first = 0
+    for name, o in out.items():
+        base = sd["base"][name].to(torch.float32).numpy()
+        expected = base.astype(np.float64)
+        masks = []
+        for alias, seed in zip(("math", "code"), seeds):
+            delta = sd[alias][name].to(torch.float32).numpy() - base
+            mask = np_drop_mask(seed, name, delta.size, p, delta=alias).reshape(delta.shape)
+            masks.append(mask)
+            expected = expected + np_dare(delta, mask, p)
+        assert np.allclose(o.numpy(), expected, rtol=1e-6, atol=1e-6), name
+        first += int((~masks[0]).sum())
+        both += int((~masks[0] & ~masks[1]).sum())
+    if seeds[0] is None:
+        sigma = math.sqrt(p * (1 - p) / first)
+        assert first > 10_000 and abs(both / first - (1 - p)) < 5 * sigma
+    else:
+        assert both == first  # one mask

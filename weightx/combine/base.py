@@ -17,6 +17,7 @@ class CombineConfig(BaseModel):
     paper: ClassVar[str | None] = None  # the method's paper, for model cards
     elementwise: ClassVar[bool] = True
     streams: ClassVar[bool] = False  # see EditConfig.streams; `prepare(blocks, weights, ctx)`
+    needs_base: ClassVar[bool] = False  # `combine` reads the base block (ctx.base) besides the deltas
 
     def combine(self, deltas: list[torch.Tensor], weights: list[float], ctx: TensorContext) -> torch.Tensor:
         raise NotImplementedError

@@ -28,6 +28,12 @@ class TensorContext:
     # This tensor's entry in the run state for the step (`weightx.pipeline.state.RunState`): what a
     # pre-run phase learned for it (distilled BitDelta scales, a global ternary selection), or None.
     run: object = field(default=None, compare=False, repr=False)
+    # The alias of the delta an edit runs on (None for a combine): random edits without an explicit
+    # seed mix it into their key, so two deltas get independent masks.
+    delta: str | None = None
+    # A combine that needs the base itself, not only the deltas (linear without normalising, slerp),
+    # reads its block here, float32, in the deltas' layout; it must not modify it.
+    base: object = field(default=None, compare=False, repr=False)
 
     @property
     def numel(self) -> int:
@@ -36,9 +42,14 @@ class TensorContext:
             n *= s
         return n
 
-    def seed_key(self, seed: int) -> int:
-        """A stable 63-bit key for (seed, tensor name), the same on every machine and run."""
-        digest = hashlib.sha256(f"{seed}\0{self.name}".encode()).digest()
+    def seed_key(self, seed: int | None) -> int:
+        """A stable 63-bit key for (seed, tensor name), the same on every machine and run.
+
+        `seed=None` (the default of the random edits) keys by (delta alias, tensor name) instead:
+        each delta gets its own mask, as the DARE paper assumes and mergekit's unseeded draws give,
+        reproducibly. An explicit seed keys by the seed only, so deltas sharing it share masks."""
+        text = f"{seed}\0{self.name}" if seed is not None else f"delta={self.delta}\0{self.name}"
+        digest = hashlib.sha256(text.encode()).digest()
         return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 

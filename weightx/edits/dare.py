@@ -21,8 +21,9 @@ shard layout, process count or device. It does not reproduce MergeLM's or mergek
 (theirs come from torch's global generator). The `l1` norms are float64 sums: identical across
 runs, layouts and thread counts here, but their summation order differs between CPU and CUDA, which
 could in rare cases move the float32 scale by one ulp.
-A mask depends on (seed, tensor name) only, so the same seed on two deltas drops the same positions
-in both; give each delta its own seed for independent masks.
+Without a `seed` (the default) a mask depends on (delta alias, tensor name): two deltas get
+independent masks, reproducibly. An explicit `seed` keys by (seed, tensor name) only, so deltas
+given the same seed share their masks (P(kept in 2 | kept in 1) = 1); that is how to ask for it.
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ class Dare(EditConfig):
     drop: float
     rescale: Rescale = "inverse_keep"
     k: float = 0.0
-    seed: int = 0
+    seed: int | None = None  # None: independent per delta (see the module doc)
 
     @field_validator("drop")
     @classmethod
@@ -175,5 +176,6 @@ class Dare(EditConfig):
 
     def describe(self) -> str:
         extra = f", k={self.k:g}" if self.k != 0.0 else ""
-        return f"DARE drop={self.drop:g} rescale={self.rescale}{extra} seed={self.seed}"
+        seed = f" seed={self.seed}" if self.seed is not None else ""
+        return f"DARE drop={self.drop:g} rescale={self.rescale}{extra}{seed}"
 

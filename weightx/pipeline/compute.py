@@ -219,7 +219,7 @@ class TensorComputer:
     def context(self, t: TensorPlan, i: int, j: int, start: int = 0, state: object = None) -> TensorContext:
         """What edit j of delta i sees for tensor t: where the block sits, its pre-pass state and
         its entry in the run state (learned scales, a global selection)."""
-        return TensorContext(t.name, t.shape, start, state, self.run.entry(t.edits[i][j], t.name))
+        return TensorContext(t.name, t.shape, start, state, self.run.entry(t.edits[i][j], t.name), self.aliases[i])
 
     def edited_delta(self, t: TensorPlan, i: int, upto: int | None = None) -> torch.Tensor:
         """The whole tensor's delta i (θ_i − base) after its first `upto` edits (default: all), float32
@@ -400,6 +400,8 @@ class TensorComputer:
             deltas.append(d)
         if streamed:
             ctx = TensorContext(t.name, t.shape, start, states.get("combine"))
+        if self.plan.recipe.combine.needs_base:
+            ctx = TensorContext(t.name, t.shape, start, ctx.state, base=base if streamed or t.elementwise else base.view(t.shape))
         combined = self.plan.recipe.combine.combine(deltas, list(self.weights), ctx).reshape(-1)
         if part is not None:
             # One delta with weight 1 (ExPO, DARE alone) combines to itself: its norm is known.

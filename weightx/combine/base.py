@@ -19,6 +19,11 @@ class CombineConfig(BaseModel):
     streams: ClassVar[bool] = False  # see EditConfig.streams; `prepare(blocks, weights, ctx)`
     needs_base: ClassVar[bool] = False  # `combine` reads the base block (ctx.base) besides the deltas
 
+    def check(self, weights: list[float]) -> str | None:
+        """What makes this combine unusable with these delta weights (one line saying what to
+        change), or None; the recipe reports it before anything is read."""
+        return None
+
     def combine(self, deltas: list[torch.Tensor], weights: list[float], ctx: TensorContext) -> torch.Tensor:
         raise NotImplementedError
 

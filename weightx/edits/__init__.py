@@ -11,17 +11,19 @@ from __future__ import annotations
 
 from weightx.edits.base import Codec, CodecEdit, EditConfig, TensorContext
 from weightx.edits.bitdelta import BitDelta
+from weightx.edits.breadcrumbs import Breadcrumbs
 from weightx.edits.dare import Dare
+from weightx.edits.della import Della
 from weightx.edits.expo import Expo
 from weightx.edits.magnitude import Magnitude
 from weightx.edits.scale import Scale
 from weightx.edits.ternary import Ternary
 
-EDITS: dict[str, type[EditConfig]] = {cls.model_fields["op"].default: cls for cls in (Expo, Scale, Dare, Magnitude, BitDelta, Ternary)}
+EDITS: dict[str, type[EditConfig]] = {cls.model_fields["op"].default: cls for cls in (Expo, Scale, Dare, Magnitude, BitDelta, Ternary, Breadcrumbs, Della)}
 
 COMPRESSING = frozenset(op for op, cls in EDITS.items() if cls.compresses)
 STREAMING = frozenset(op for op, cls in EDITS.items() if cls.streams)
 PREPASSES = {op: cls.prepasses for op, cls in EDITS.items() if cls.prepasses}
 
 __all__ = ["EDITS", "COMPRESSING", "STREAMING", "PREPASSES", "Codec", "CodecEdit", "EditConfig", "TensorContext",
-           "Expo", "Scale", "Dare", "Magnitude", "BitDelta", "Ternary"]
+           "Expo", "Scale", "Dare", "Magnitude", "BitDelta", "Ternary", "Breadcrumbs", "Della"]

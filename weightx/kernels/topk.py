@@ -130,13 +130,17 @@ def trim_(x: torch.Tensor, density: float, ws: Workspace | None = None) -> torch
     Equal in value to `x * topk_mask(x, k)`. Works on the float bits with int32 ops only (bool →
     float conversions and masked_fill_ are several times slower on CPU for big tensors).
     """
-    k = keep_count(density, x.numel())
+    return trim_count_(x, keep_count(density, x.numel()), ws)
+
+
+def trim_count_(x: torch.Tensor, k: int, ws: Workspace | None = None) -> torch.Tensor:
+    """`trim_` keeping exactly k entries (0 ≤ k)."""
     if k >= x.numel():
         return x
     if k == 0:
         return x.zero_()
     if not x.is_contiguous():
-        return x.copy_(trim_(x.contiguous(), density, ws))
+        return x.copy_(trim_count_(x.contiguous(), k, ws))
     ws = Workspace.for_tensor(x, ws)
     n = x.numel()
     v, r, e = threshold_bits(x, k, ws)

@@ -256,6 +256,9 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _references(self) -> "Recipe":
         problems = reference_problems(self.model_dump(by_alias=True))
+        combine_problem = self.combine.check([d.weight for d in self.deltas])
+        if combine_problem:
+            problems.append(("combine", combine_problem))
         if problems:
             raise ValueError("\n".join(f"{loc}: {msg}" for loc, msg in problems))
         return self

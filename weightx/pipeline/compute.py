@@ -22,6 +22,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from weightx.combine.base import CombineConfig
 from weightx.edits.base import TensorContext
 from weightx.errors import InputError, UsageError
 from weightx.io.provenance import Pacer
@@ -196,10 +197,16 @@ class TensorComputer:
         for mf, info in self._mapped(t):
             mf.prefetch(info, 0, info.numel)
 
+    def weights_of(self, t: TensorPlan) -> tuple[float, ...]:
+        return t.weights if t.weights is not None else self.weights
+
+    def combine_of(self, t: TensorPlan) -> CombineConfig:
+        return t.combine if t.combine is not None else self.plan.recipe.combine
+
     def streams(self, t: TensorPlan) -> bool:
         """Not elementwise, but every such step gathers its statistics in a pre-pass over blocks
         (`prepare`) and then runs per block."""
-        steps = [e for es in t.edits for e in es] + [self.plan.recipe.combine]
+        steps = [e for es in t.edits for e in es] + [self.combine_of(t)]
         return t.edit and not t.elementwise and all(s.elementwise or s.streams for s in steps)
 
     def ranges(self, t: TensorPlan) -> list[tuple[int, int]]:
@@ -336,7 +343,7 @@ class TensorComputer:
                         return [self._edited(t, states, start, count, None, i, j, copy=not readonly).contiguous()]
 
                     states[(i, j)] = edit.prepare(_BlockSource(one, self.ranges(t), self.pool, self.workers), ctx)
-            combine = self.plan.recipe.combine
+            combine = self.combine_of(t)
             if not combine.elementwise:
                 def every(start: int, count: int, readonly: bool) -> list[torch.Tensor]:
                     cached = start in self._cache.get(t.name, {})  # else one base conversion serves every delta
@@ -345,7 +352,7 @@ class TensorComputer:
                     return [self._edited(t, states, start, count, base, i, len(t.edits[i]), copy=not readonly).contiguous()
                             for i in range(n)]
 
-                states["combine"] = combine.prepare(_BlockSource(every, self.ranges(t), self.pool, self.workers), list(self.weights), ctx)
+                states["combine"] = combine.prepare(_BlockSource(every, self.ranges(t), self.pool, self.workers), list(self.weights_of(t)), ctx)
             self._states[t.name] = states
             return states
 
@@ -400,9 +407,10 @@ class TensorComputer:
             deltas.append(d)
         if streamed:
             ctx = TensorContext(t.name, t.shape, start, states.get("combine"))
-        if self.plan.recipe.combine.needs_base:
+        combine = self.combine_of(t)
+        if combine.needs_base:
             ctx = TensorContext(t.name, t.shape, start, ctx.state, base=base if streamed or t.elementwise else base.view(t.shape))
-        combined = self.plan.recipe.combine.combine(deltas, list(self.weights), ctx).reshape(-1)
+        combined = combine.combine(deltas, list(self.weights_of(t)), ctx).reshape(-1)
         if part is not None:
             # One delta with weight 1 (ExPO, DARE alone) combines to itself: its norm is known.
             same = len(deltas) == 1 and combined.data_ptr() == deltas[0].data_ptr() and combined.numel() == deltas[0].numel()

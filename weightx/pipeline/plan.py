@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from weightx.combine.base import CombineConfig
 from weightx.edits.base import CodecEdit, EditConfig
 from weightx.io.safetensors import OutTensor
 from weightx.io.sources import Source
@@ -37,6 +38,10 @@ class TensorPlan:
     # format: delta only: the compressing edit that encodes this tensor, and the parts it writes
     codec: CodecEdit | None = None
     parts: tuple[OutTensor, ...] | None = None
+    # Where the recipe's parameters vary by tensor (gradients, filters): this tensor's delta weights
+    # and combine; None: the recipe's own.
+    weights: tuple[float, ...] | None = None
+    combine: CombineConfig | None = None
 
     @property
     def numel(self) -> int:

@@ -18,6 +18,7 @@ from weightx.io.sources import Source, resolve
 from weightx.pipeline.compression import plan_compression, render_compression
 from weightx.pipeline.plan import VOCAB_NAMES, Plan, TensorPlan, human_bytes, natural_key, split_shards
 from weightx.recipe.model import Recipe
+from weightx.recipe.varying import layer_positions
 
 
 MAX_CONFIG_BYTES = 16 << 20
@@ -102,6 +103,7 @@ def build_plan(recipe: Recipe, output: str | Path | None = None, recipe_dir: Pat
     deltas = [(d, sources[d.model]) for d in recipe.deltas]
     forced = recipe.output.dtype
     tensors: list[TensorPlan] = []
+    positions = layer_positions(cfg.weight_map) if recipe.varying else {}
     for name in sorted(cfg.weight_map, key=natural_key):
         info = cfg.info(name)
         if not info.is_float:
@@ -129,9 +131,23 @@ def build_plan(recipe: Recipe, output: str | Path | None = None, recipe_dir: Pat
         if not ok:
             continue
         out_dtype = DTYPE_NAMES[TORCH_DTYPES[forced]] if forced else base.info(name).dtype
-        edits = tuple(tuple(e for e in d.edits if e.applies_to(name, info.shape)) for d, _ in deltas)
-        elementwise = recipe.combine.elementwise and all(e.elementwise for es in edits for e in es)
-        tensors.append(TensorPlan(name, info.shape, out_dtype, True, edits, elementwise))
+        weights, combine, all_edits = None, None, tuple(d.edits for d, _ in deltas)
+        if recipe.varying:
+            try:
+                weights, all_edits, combine = recipe.resolve(name, positions[name])
+            except KeyError:
+                problems.append(f"tensor {name!r} matches no filter of a parameter; end each filter list with an entry without filter")
+                continue
+            except ValueError as e:  # an interpolated value the parameter refuses
+                problems.append(f"tensor {name!r}: {str(e).splitlines()[-1].strip()}")
+                continue
+            why = combine.check(list(weights))
+            if why:
+                problems.append(f"tensor {name!r}: {why}")
+                continue
+        edits = tuple(tuple(e for e in es if e.applies_to(name, info.shape)) for es in all_edits)
+        elementwise = (combine or recipe.combine).elementwise and all(e.elementwise for es in edits for e in es)
+        tensors.append(TensorPlan(name, info.shape, out_dtype, True, edits, elementwise, weights=weights, combine=combine))
 
     distill_data = None
     if not problems:
@@ -154,6 +170,24 @@ def build_plan(recipe: Recipe, output: str | Path | None = None, recipe_dir: Pat
                 distill_data, recipe_dir)
 
 
+def _resolved_values(plan: Plan, label: str) -> list[float]:
+    """The values a varying parameter took over the planned tensors."""
+    path = label.split(".")
+    out = []
+    for t in plan.tensors:
+        if not t.edit:
+            continue
+        if path[0] == "combine":
+            out.append(float(getattr(t.combine, path[-1])))
+        elif path[2] == "weight":
+            out.append(float(t.weights[int(path[1])]))
+        else:
+            e = next((e for e in t.edits[int(path[1])] if e.op == path[4]), None)
+            if e is not None:
+                out.append(float(getattr(e, path[-1])))
+    return out
+
+
 def render_plan(plan: Plan) -> str:
     r = plan.recipe
     lines = [f"plan for {r.name or plan.out_path.name}", "inputs:"]
@@ -167,6 +201,10 @@ def render_plan(plan: Plan) -> str:
         edits = ", ".join(f"{e.describe()} on {c[e.op]} tensors" for e in d.edits) or "no edits"
         lines.append(f"  {d.model} − {r.base}  weight {d.weight:g}: {edits}")
     lines.append(f"combine: {r.combine.describe()}")
+    for p in r.varying:
+        values = sorted({round(v, 6) for v in _resolved_values(plan, p.label)})
+        shown = ", ".join(f"{v:g}" for v in values[:8]) + (", …" if len(values) > 8 else "")
+        lines.append(f"  {p.label} varies by tensor: {len(values)} value(s) ({shown})")
     edited = sum(t.edit for t in plan.tensors)
     dtypes = sorted({t.out_dtype for t in plan.tensors})
     lines.append(

@@ -32,6 +32,8 @@ from weightx.errors import RecipeError, UsageError
 from weightx.io.safetensors import text_problem
 from weightx.recipe.gates import parse_gate, parse_select
 from weightx.recipe.sweep import Sweep, find_params, substitute, sweep_problems
+from weightx.recipe.varying import VaryingParam, endpoints, evaluate, find_varying, first_value, setting_problems
+from weightx.recipe.varying import substitute as substitute_varying
 
 MAX_YAML_ALIASES = 100
 MAX_YAML_BYTES = 1 << 20
@@ -236,12 +238,38 @@ class Recipe(_Strict):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     _sweep: Any = PrivateAttr(default=None)  # weightx.recipe.sweep.Sweep when a parameter is a list
+    # Gradient- or filter-valued parameters (weightx.recipe.varying); fields hold the first endpoint.
+    _varying: tuple = PrivateAttr(default=())
     _folder: Path | None = PrivateAttr(default=None)  # the recipe file's folder: where relative paths start
 
     @property
     def sweep(self) -> Any:
         """The sweep (list-valued parameters) this recipe stands for, or None; fields hold the first candidate."""
         return self._sweep
+
+    @property
+    def varying(self) -> tuple:
+        """The parameters that vary by tensor (`weightx.recipe.varying.VaryingParam`), or ()."""
+        return self._varying
+
+    def resolve(self, name: str, t: float) -> tuple[tuple[float, ...], tuple[tuple[EditConfig, ...], ...], CombineConfig]:
+        """(delta weights, edits per delta, combine) for tensor `name` at layer position t: the
+        recipe's own objects where nothing varies, validated copies with the values set otherwise."""
+        weights = [d.weight for d in self.deltas]
+        edits = [list(d.edits) for d in self.deltas]
+        combine = self.combine
+        for p in self._varying:
+            v = evaluate(p.setting, name, t)
+            path = p.label.split(".")
+            if path[0] == "combine":
+                combine = type(combine).model_validate({**combine.model_dump(), path[-1]: v})
+            elif path[2] == "weight":
+                weights[int(path[1])] = v
+            else:
+                i, j = int(path[1]), int(path[3])
+                e = edits[i][j]
+                edits[i][j] = type(e).model_validate({**e.model_dump(), path[-1]: v})
+        return tuple(weights), tuple(tuple(es) for es in edits), combine
 
     @property
     def folder(self) -> Path | None:
@@ -279,6 +307,11 @@ class Recipe(_Strict):
             for d in self.deltas
         ]
         data["combine"] = self.combine.recipe_form()
+        for p in self._varying:  # put the gradients and filter lists back where the recipe had them
+            node = data
+            for key in p.label.split(".")[:-1]:
+                node = node[int(key)] if isinstance(node, list) else node[key]
+            node[p.label.split(".")[-1]] = p.setting
         if self._sweep is not None:  # put the swept lists back where the recipe had them
             for p in self._sweep.params:
                 node: Any = data
@@ -382,6 +415,9 @@ def value_problems(data: Any) -> list[tuple[str, str]]:
 def validate_recipe(data: Any, source: str = "recipe", *, sweep: bool = True) -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(source, [("", "a recipe is a YAML mapping with models, base, deltas and output")])
+    varying = find_varying(data)
+    if varying:
+        return _validate_varying(data, varying, source, sweep)
     if sweep:
         params = find_params(data)
         if params:
@@ -398,6 +434,35 @@ def validate_recipe(data: Any, source: str = "recipe", *, sweep: bool = True) ->
     problems = value_problems(recipe.model_dump(by_alias=True))
     if problems:
         raise RecipeError(source, problems)
+    return recipe
+
+
+def _validate_varying(data: dict, params: list[VaryingParam], source: str, sweep: bool) -> Recipe:
+    """A recipe with gradient- or filter-valued parameters: the recipe is checked whole with each
+    setting's first value, and every other endpoint on its own (interpolated values lie between
+    endpoints), so all problems come out in one go."""
+    problems: list[tuple[str, str]] = []
+    for p in params:
+        problems += setting_problems(p.setting, p.label)
+    if problems:
+        raise RecipeError(source, problems)
+    if sweep and find_params(substitute_varying(data, params, [first_value(p.setting) for p in params])):
+        raise RecipeError(source, [(params[0].label, "a recipe with gradients or filters cannot also sweep a list of values; run the sweep without them")])
+    firsts = [first_value(p.setting) for p in params]
+    recipe = None
+    try:
+        recipe = validate_recipe(substitute_varying(data, params, firsts), source, sweep=False)
+    except RecipeError as e:
+        problems += e.problems
+    for i, p in enumerate(params):
+        for value in endpoints(p.setting)[1:]:
+            try:
+                validate_recipe(substitute_varying(data, params, firsts[:i] + [value] + firsts[i + 1:]), source, sweep=False)
+            except RecipeError as e:
+                problems += [(loc, f"{msg} (in its gradient or filter values)") for loc, msg in e.problems if loc == p.label]
+    if problems or recipe is None:
+        raise RecipeError(source, list(dict.fromkeys(problems)))
+    recipe._varying = tuple(params)
     return recipe
 
 

@@ -100,11 +100,17 @@ def plan(recipe: Recipe | str | Path | dict, *, output: str | Path | None = None
 
 
 def describe_plan(recipe: Recipe | str | Path | dict, *, output: str | Path | None = None,
-                  overrides: list[str] | tuple[str, ...] = ()) -> str:
-    """`weightx plan`: the plan as text, with the sweep it stands for."""
+                  overrides: list[str] | tuple[str, ...] = (), explain: bool = False) -> str:
+    """`weightx plan`: the plan as text, with the sweep it stands for (`explain`: and the recipe
+    as native YAML, e.g. what a mergekit config was read as)."""
     r = load_recipe(recipe, overrides)
     text = render_plan(build_plan(r, output, r.folder))
-    return text + (f"\n{r.sweep.describe()}" if r.sweep is not None else "")
+    text += f"\n{r.sweep.describe()}" if r.sweep is not None else ""
+    if explain:
+        import yaml
+
+        text += "\n\n# the native weightx recipe:\n" + yaml.safe_dump(r.recipe_form(), sort_keys=False, allow_unicode=True)
+    return text
 
 
 def read_weightx_json(path: Path) -> dict | None:

@@ -140,9 +140,10 @@ def apply(recipe: str, output_path: str | None, output: str | None, device: str,
 @click.argument("output_path", metavar="[OUT]", required=False, type=click.Path(file_okay=False))
 @click.option("--output", "-o", type=click.Path(file_okay=False), help="Output folder (overrides output.path; or give it as OUT).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a recipe value; repeatable.")
-def plan(recipe: str, output_path: str | None, output: str | None, overrides: tuple[str, ...]) -> None:
-    """Resolve inputs, check names/shapes/dtypes and print the plan; no compute."""
-    click.echo(_api().describe_plan(recipe, output=_output(output_path, output), overrides=overrides))
+@click.option("--explain", is_flag=True, help="Also print the recipe as native weightx YAML (e.g. what a mergekit config is read as).")
+def plan(recipe: str, output_path: str | None, output: str | None, overrides: tuple[str, ...], explain: bool) -> None:
+    """Resolve inputs, check names/shapes/dtypes and print the plan; no compute. RECIPE may be a mergekit config."""
+    click.echo(_api().describe_plan(recipe, output=_output(output_path, output), overrides=overrides, explain=explain))
 
 
 @main.command()

@@ -159,6 +159,7 @@ def build_plan(recipe: Recipe, output: str | Path | None = None, recipe_dir: Pat
         extra = [n for n in src.weight_map if n not in cfg.weight_map]
         if extra and alias != recipe.config_from:
             notes.append(f"{len(extra)} tensor(s) of '{alias}' are not in '{recipe.config_from}' and are left out (e.g. {extra[0]})")
+    notes += list(recipe.notes)
     if not cfg.has_config:
         notes.append(f"'{recipe.config_from}' has no config.json: the output will hold weights only")
     else:  # found now, not after all the compute when the files are copied

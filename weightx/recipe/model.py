@@ -31,6 +31,7 @@ from weightx.edits import EDITS, EditConfig
 from weightx.errors import RecipeError, UsageError
 from weightx.io.safetensors import text_problem
 from weightx.recipe.gates import parse_gate, parse_select
+from weightx.recipe.mergekit import from_mergekit, is_mergekit
 from weightx.recipe.sweep import Sweep, find_params, substitute, sweep_problems
 from weightx.recipe.varying import VaryingParam, endpoints, evaluate, find_varying, first_value, setting_problems
 from weightx.recipe.varying import substitute as substitute_varying
@@ -240,12 +241,18 @@ class Recipe(_Strict):
     _sweep: Any = PrivateAttr(default=None)  # weightx.recipe.sweep.Sweep when a parameter is a list
     # Gradient- or filter-valued parameters (weightx.recipe.varying); fields hold the first endpoint.
     _varying: tuple = PrivateAttr(default=())
+    _notes: tuple = PrivateAttr(default=())  # what reading a mergekit config ignored or read differently
     _folder: Path | None = PrivateAttr(default=None)  # the recipe file's folder: where relative paths start
 
     @property
     def sweep(self) -> Any:
         """The sweep (list-valued parameters) this recipe stands for, or None; fields hold the first candidate."""
         return self._sweep
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """Notes from reading the recipe (a mergekit config's ignored options), for the plan."""
+        return self._notes
 
     @property
     def varying(self) -> tuple:
@@ -604,9 +611,14 @@ def load_recipe(
     if isinstance(source, dict):
         return validate_recipe(apply_overrides(dict(source), overrides), "recipe")
     data = read_yaml(source)
+    notes: list[str] = []
+    if is_mergekit(data):
+        data, notes = from_mergekit(data, name=Path(source).stem)
+        notes.insert(0, f"{source} is a mergekit config, read as the native recipe `weightx plan --explain` prints")
     if isinstance(data, dict):
         data = apply_overrides(data, overrides)
     recipe = validate_recipe(data, str(source))
+    recipe._notes = tuple(notes)
     path = Path(source)
     recipe._folder = path.resolve().parent if path.is_file() else None  # a pipe: the working directory
     return recipe

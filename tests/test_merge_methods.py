@@ -220,6 +220,8 @@ def test_model_stock_golden(merge_family, fam, tmp_path, filter_wise):
     ({"slerp": {"t": 0.5}}, [("math", 1.0), ("code", 1.0)], "exactly one delta"),
     ({"model_stock": {}}, [("math", 1.0)], "at least 2 deltas"),
     ({"linear": {}}, [("math", 1.0), ("code", -1.0)], "sum of the weights"),
+    ({"nuslerp": {}}, [("math", 1.0)], "set t"),
+    ({"sce": {}}, [("math", 1.0)], "got 1"),
 ])
 def test_combines_refuse_unusable_delta_counts_and_weights_in_one_line(merge_family, tmp_path, combine, deltas, message):
     doc = {
@@ -245,3 +247,69 @@ def test_della_then_ties_and_breadcrumbs_then_sum_run_through_the_engine(merge_f
     changed = sum(int((o != fam["base"][n].float()).sum()) for n, o in out.items())
     total = sum(o.numel() for o in out.values())
     assert 0.3 * total < changed < 0.95 * total
+
+
+# ---------------------------------------------------------------------------------- nuslerp, sce
+
+
+def np_nuslerp(t: float, a: np.ndarray, b: np.ndarray, flatten: bool = True, row_wise: bool = False) -> np.ndarray:
+    shape = a.shape
+    if flatten or a.ndim < 2:
+        x, y = a.reshape(1, -1), b.reshape(1, -1)
+    elif row_wise:
+        x, y = np.swapaxes(a, 0, -1), np.swapaxes(b, 0, -1)
+    else:
+        x, y = a, b
+    nx = np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-7)
+    ny = np.maximum(np.linalg.norm(y, axis=-1, keepdims=True), 1e-7)
+    cos = np.clip(((x / nx) * (y / ny)).sum(-1, keepdims=True), -1, 1)
+    th = np.arccos(cos)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = (np.sin((1 - t) * th) * x + np.sin(t * th) * y) / np.sin(th)
+    out = np.where(1 - cos**2 <= 1e-16, (1 - t) * x + t * y, out)
+    if row_wise and not flatten and a.ndim >= 2:
+        out = np.swapaxes(out, 0, -1)
+    return out.reshape(shape)
+
+
+@pytest.mark.parametrize("opts", [{}, {"flatten": False}, {"flatten": False, "row_wise": True}, {"t": 0.9}])
+def test_nuslerp_of_two_task_vectors(merge_family, fam, tmp_path, opts):
+    """θ_base + slerp(t, δ_math, δ_code), t = w_code/(w_math + w_code) = 0.75 unless given."""
+    out = _run(merge_family, tmp_path, {"nuslerp": opts}, deltas=(("math", 1.0), ("code", 3.0)))
+    t = opts.get("t", 0.75)
+    for name, o in out.items():
+        b, m, c = (_f64(fam[k][name]) for k in ("base", "math", "code"))
+        expected = b + np_nuslerp(t, m - b, c - b, opts.get("flatten", True), opts.get("row_wise", False))
+        assert np.allclose(_f64(o), expected, rtol=1e-5, atol=1e-6), name
+
+
+def test_nuslerp_of_the_base_and_one_model(merge_family, fam, tmp_path):
+    out = _run(merge_family, tmp_path, {"nuslerp": {"t": 0.3}}, deltas=(("math", 1.0),))
+    for name, o in out.items():
+        b, m = _f64(fam["base"][name]), _f64(fam["math"][name])
+        assert np.allclose(_f64(o), np_nuslerp(0.3, b, m), rtol=1e-5, atol=1e-6), name
+
+
+def np_sce(ds: list[np.ndarray], topk: float) -> np.ndarray:
+    tv = np.stack([d.reshape(-1) for d in ds]).astype(np.float64)
+    if topk < 1:
+        var = tv.var(axis=0).astype(np.float32).astype(np.float64)
+        k = int(np.floor(round(topk * np.count_nonzero(var), 9)))
+        order = np.lexsort((np.arange(var.size), -var))
+        mask = np.zeros(var.size, bool)
+        mask[order[:k]] = True
+        tv = tv * mask
+    sq = (tv**2).mean(1)
+    w = np.full(len(ds), 1 / len(ds)) if abs(sq.sum()) < 1e-6 else sq / sq.sum()
+    maj = np.where(tv.sum(0) >= 0, 1.0, -1.0)
+    ew = w[:, None] * (np.sign(tv) == maj)
+    return ((tv * ew).sum(0) / np.maximum(ew.sum(0), 1e-6)).reshape(ds[0].shape)
+
+
+@pytest.mark.parametrize("topk", [1.0, 0.3])
+def test_sce_golden(merge_family, fam, tmp_path, topk):
+    out = _run(merge_family, tmp_path, {"sce": {"select_topk": topk}})
+    for name, o in out.items():
+        b = _f64(fam["base"][name])
+        expected = b + np_sce([_f64(fam[k][name]) - b for k in ("math", "code")], topk)
+        assert np.allclose(_f64(o), expected, rtol=1e-5, atol=1e-6), name

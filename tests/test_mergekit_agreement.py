@@ -168,11 +168,19 @@ def _configs(f: dict) -> dict[str, dict]:
             {"model": f["math"]}, {"model": f["code"]}, {"model": f["sft"]}]},
         "model_stock filter_wise": {"merge_method": "model_stock", "base_model": f["base"], "models": [
             {"model": f["math"]}, {"model": f["code"]}], "parameters": {"filter_wise": True}},
+        "nuslerp, task vectors": {"merge_method": "nuslerp", "base_model": f["base"], "models": [
+            {"model": f["math"], "parameters": {"weight": 1.0}}, {"model": f["code"], "parameters": {"weight": 3.0}}]},
+        "nuslerp, row-wise models": {"merge_method": "nuslerp", "models": [
+            {"model": f["math"], "parameters": {"weight": 2.0}}, {"model": f["code"], "parameters": {"weight": 1.0}}],
+            "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True}},
+        "sce": {"merge_method": "sce", "base_model": f["base"], "models": [
+            {"model": f["math"]}, {"model": f["code"]}, {"model": f["sft"]}], "parameters": {"select_topk": 0.5}},
     }
 
 
 CASES = ["linear", "linear, base listed", "task_arithmetic", "ties, per-model density, lambda", "ties, density gradient",
-         "breadcrumbs_ties", "slerp, canonical filters", "model_stock", "model_stock filter_wise"]
+         "breadcrumbs_ties", "slerp, canonical filters", "model_stock", "model_stock filter_wise", "nuslerp, task vectors",
+         "nuslerp, row-wise models", "sce"]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -11,6 +11,8 @@ validates as usual) and notes on what was ignored or read differently. Methods a
 | `dare_linear`, `breadcrumbs`, `della_linear` | the same edits, then `combine: sum` (`linear` with `normalize`) |
 | `slerp` | `combine: slerp` |
 | `model_stock` | `combine: model_stock` |
+| `nuslerp` | `combine: nuslerp` (two deltas; without a base, the first model is the base and t = w_1/(w_0 + w_1)) |
+| `sce` | `combine: sce` |
 
 A mergekit list-valued parameter is a gradient (`{gradient: [...]}`) and its filter lists carry
 over. `slices`, `passthrough` and the methods weightx lacks are refused in one line.
@@ -38,6 +40,8 @@ METHODS: dict[str, tuple[str | None, str, bool, bool]] = {
     "della_linear": ("della", "sum", False, True),
     "slerp": (None, "slerp", False, False),
     "model_stock": (None, "model_stock", False, False),
+    "nuslerp": (None, "nuslerp", False, False),
+    "sce": (None, "sce", False, False),
 }
 NOT_DELTA = {"passthrough": "it stacks layers rather than merging them", "slices": "it stacks layer ranges"}
 KNOWN_TOP = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
@@ -133,13 +137,13 @@ def from_mergekit(config: dict, cwd: Path | None = None, name: str | None = None
                for i, m in enumerate(models)]
     base_weight = 0.0
     if base_ref is None:
-        if method not in ("linear",):
+        if method not in ("linear", "nuslerp"):
             raise RecipeError("mergekit config", [("base_model", f"{method} takes deltas against a base: set base_model")])
         base_ref, first = entries[0]
         base_weight = first.get("weight", params.get("weight", 1.0))
         entries = entries[1:]
         if not entries:
-            raise RecipeError("mergekit config", [("models", "a linear merge of one model is that model; list at least two")])
+            raise RecipeError("mergekit config", [("models", f"a {method} merge of one model is that model; list at least two")])
     else:
         listed = [e for e in entries if e[0] == base_ref]
         if listed and method == "linear":
@@ -211,6 +215,22 @@ def from_mergekit(config: dict, cwd: Path | None = None, name: str | None = None
         combine = {"slerp": {"t": _gradient(params.get("t", 0.5))}}
         if len(deltas) != 1:
             problems.append(("models", f"slerp takes the base and exactly one other model, got {len(deltas)} others"))
+    elif combine_op == "nuslerp":
+        opts = {"flatten": bool(params.get("nuslerp_flatten", True)), "row_wise": bool(params.get("nuslerp_row_wise", False))}
+        if config.get("base_model") is None:  # two models: the first is the base, t from the weights
+            w0, w1 = base_weight, weights[0] if weights else 1.0
+            if not isinstance(w0, (int, float)) or not isinstance(w1, (int, float)):
+                problems.append(("models", "nuslerp without a base needs plain number weights"))
+                w0 = w1 = 1.0
+            opts["t"] = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
+            deltas[0]["weight"] = 1.0
+        combine = {"nuslerp": opts}
+        if len(deltas) not in (1, 2) or (config.get("base_model") is not None and len(deltas) != 2):
+            problems.append(("models", f"nuslerp takes exactly two models besides the base, got {len(deltas)}"))
+    elif combine_op == "sce":
+        combine = {"sce": {"select_topk": params.get("select_topk", 1.0)}}
+        for d in deltas:
+            d.pop("weight")
     else:  # model_stock
         combine = {"model_stock": {"filter_wise": bool(params.get("filter_wise", False))}}
         for d in deltas:

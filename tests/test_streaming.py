@@ -168,6 +168,8 @@ def _read(folder: Path) -> dict[str, bytes]:
     "combine,edits",
     [
         ({"ties": {"density": 0.4, "zero_sign": "majority"}}, [[], []]),
+        ({"ties": {"density": 0.4, "count": "reference", "elect": "unweighted", "divide": "count"}}, [[], []]),
+        ("sum", [[{"magnitude": {"density": 0.3, "count": "reference"}}], [{"breadcrumbs": {"density": 0.5, "gamma": 0.1}}]]),
         ("sum", [[{"magnitude": {"density": 0.3, "rescale": "l1"}}], [{"dare": {"drop": 0.5, "rescale": "l1"}}]]),
         ({"ties": {"density": 0.5}}, [[{"dare": {"drop": 0.3, "rescale": "l1", "seed": 1}}], [{"magnitude": {"density": 0.7}}]]),
     ],

@@ -102,7 +102,9 @@ def test_config_validation_and_elementwise():
         with pytest.raises(RecipeError, match="combine"):
             load_recipe({**base, "combine": bad})
     r = load_recipe({**base, "combine": {"ties": {"density": 0.2, "scale": 1.5}}})
-    assert r.recipe_form()["combine"] == {"ties": {"density": 0.2, "zero_sign": "positive", "normalize": True, "scale": 1.5}}
+    assert r.recipe_form()["combine"] == {"ties": {"density": 0.2, "zero_sign": "positive", "normalize": True, "scale": 1.5,
+                                                   "trim_scope": "tensor", "count": "exact", "elect": "weighted",
+                                                   "divide": "weights"}}
     assert load_recipe(r.recipe_form()) == r
 
 

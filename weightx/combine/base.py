@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from weightx.edits.base import TensorContext
+from weightx.edits.base import Prepass, TensorContext
 
 
 class CombineConfig(BaseModel):
@@ -18,6 +18,10 @@ class CombineConfig(BaseModel):
     elementwise: ClassVar[bool] = True
     streams: ClassVar[bool] = False  # see EditConfig.streams; `prepare(blocks, weights, ctx)`
     needs_base: ClassVar[bool] = False  # `combine` reads the base block (ctx.base) besides the deltas
+
+    def prepass(self) -> Prepass | None:
+        """The run-level phase this configured combine needs before writing, or None."""
+        return None
 
     def check(self, weights: list[float]) -> str | None:
         """What makes this combine unusable with these delta weights (one line saying what to

@@ -10,6 +10,10 @@ crashes when ⌊p·n⌋ = 0.
 `rescale: l1` scales the kept entries so the tensor's L1 norm is unchanged (mergekit's
 `magnitude` sparsification with `rescale: true`).
 
+`count: reference` reproduces MergeLM's count: it drops the int(n·(1 − density)) smallest |δ| (float
+arithmetic, as its code) and every entry tied with the last of them, keeping what lies strictly
+above; where that count is 0 (MergeLM crashes) everything is kept.
+
 The engine streams it: `prepare` finds the threshold (and the L1 factor) over blocks, then each
 block is trimmed on its own (`weightx.kernels.topk.trim_block_`), bit for bit as on the whole tensor.
 """
@@ -25,7 +29,8 @@ from pydantic_core import PydanticCustomError
 
 from weightx.edits.base import EditConfig, TensorContext
 from weightx.edits.dare import l1_chunks, l1_factor, l1_norm
-from weightx.kernels.topk import Blocks, Selection, each_block, keep_count, select_blocks, trim_, trim_block_
+from weightx.kernels.topk import (Blocks, Selection, each_block, keep_count, mergelm_count, select_blocks, trim_, trim_block_,
+                                  with_ties)
 
 PAPER = "https://arxiv.org/abs/2306.01708"
 
@@ -36,9 +41,14 @@ def magnitude_(
     rescale: Literal["none", "inverse_keep", "l1"] = "none",
     state: "MagnitudeState | None" = None,
     start: int = 0,
+    count: Literal["exact", "reference"] = "exact",
 ) -> torch.Tensor:
     """Magnitude pruning in place: of the whole tensor, or with `state` (from `prepare_magnitude`)
     of its block at flat index `start`, bit for bit that block of the whole-tensor result."""
+    if state is None and count == "reference":  # the whole tensor as one block
+        flat = delta.contiguous().view(-1)
+        state = prepare_magnitude(lambda: [(0, [flat])], flat.numel(), density, rescale, count)
+        return magnitude_(flat, density, rescale, state, 0).view(delta.shape)
     if state is not None:
         delta = trim_block_(delta.contiguous(), state.sel, start)
         scale = state.l1_scale
@@ -59,9 +69,12 @@ class MagnitudeState:
     l1_scale: float | None = None
 
 
-def prepare_magnitude(blocks: Blocks, n: int, density: float, rescale: str) -> MagnitudeState:
+def prepare_magnitude(blocks: Blocks, n: int, density: float, rescale: str, count: str = "exact") -> MagnitudeState:
     """The tensor-wide threshold (and `l1` factor, from chunk sums folded in block order)."""
-    state = MagnitudeState(select_blocks(blocks, n, [keep_count(density, n)])[0])
+    if count == "reference":
+        state = MagnitudeState(with_ties(select_blocks(blocks, n, [mergelm_count(density, n)])[0], keep=False))
+    else:
+        state = MagnitudeState(select_blocks(blocks, n, [keep_count(density, n)])[0])
     if rescale == "l1":
         def chunk_sums(start: int, ds: list[torch.Tensor]) -> tuple[list[float], list[float]]:
             before = l1_chunks(ds[0])
@@ -92,6 +105,7 @@ class Magnitude(EditConfig):
     paper: ClassVar[str | None] = PAPER
     density: float
     rescale: Literal["none", "inverse_keep", "l1"] = "none"
+    count: Literal["exact", "reference"] = "exact"  # reference: MergeLM's (see the module doc)
 
     elementwise = False  # the threshold is a statistic of the whole tensor …
     streams = True  # … which `prepare` gathers over blocks first
@@ -102,11 +116,12 @@ class Magnitude(EditConfig):
         return check_density(v)
 
     def apply(self, delta: torch.Tensor, ctx: TensorContext) -> torch.Tensor:
-        return magnitude_(delta, self.density, self.rescale, ctx.state, ctx.offset)
+        return magnitude_(delta, self.density, self.rescale, ctx.state, ctx.offset, self.count)
 
     def prepare(self, blocks: Blocks, ctx: TensorContext) -> MagnitudeState:
-        return prepare_magnitude(blocks, ctx.numel, self.density, self.rescale)
+        return prepare_magnitude(blocks, ctx.numel, self.density, self.rescale, self.count)
 
     def describe(self) -> str:
         extra = f" rescale={self.rescale}" if self.rescale != "none" else ""
+        extra += " count=reference (MergeLM)" if self.count == "reference" else ""
         return f"magnitude top {self.density:g}{extra}"

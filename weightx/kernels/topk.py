@@ -297,6 +297,30 @@ def select_blocks(blocks: Blocks, n: int, ks: list[int]) -> list[Selection]:
     return sels
 
 
+def reference_count(density: float, n: int) -> int:
+    """The TIES reference's kept count before ties: int(n·density) + 1 (float arithmetic, as its
+    `topk_values_mask` computes `d - int(d * K)` for kthvalue); n when that passes the end."""
+    if n <= 0 or density <= 0:
+        return 0
+    return min(n, int(n * density) + 1)
+
+
+def mergelm_count(density: float, n: int) -> int:
+    """MergeLM's magnitude masking keeps what lies strictly above its int(n·(1 − density))-th smallest
+    |x|: as a top-k threshold, the (n − int(n·(1 − density)) + 1)-th largest, ties at it dropped."""
+    drop = int(n * (1.0 - density))
+    return n if drop <= 0 else n - drop + 1
+
+
+def with_ties(sel: Selection, keep: bool) -> Selection:
+    """The selection keeping every entry equal to its threshold (`keep`), or none of them — the
+    references' `>= kth` and `> kth` rules instead of an exact count. Integer bits make "> v" the
+    same as ">= v + 1"."""
+    if sel.k <= 0 or sel.k >= sel.n:
+        return sel
+    return Selection(sel.n, sel.k, sel.v if keep else sel.v + 1, 0, 0)
+
+
 def trim_block_(x: torch.Tensor, sel: Selection, start: int) -> torch.Tensor:
     """`trim_` of the whole tensor, restricted to its block x starting at flat index `start`
     (x contiguous, one of the blocks `select_blocks` saw). Same values bit for bit."""

@@ -342,7 +342,7 @@ class TensorComputer:
                     def one(start: int, count: int, readonly: bool, i: int = i, j: int = j) -> list[torch.Tensor]:
                         return [self._edited(t, states, start, count, None, i, j, copy=not readonly).contiguous()]
 
-                    states[(i, j)] = edit.prepare(_BlockSource(one, self.ranges(t), self.pool, self.workers), ctx)
+                    states[(i, j)] = edit.prepare(_BlockSource(one, self.ranges(t), self.pool, self.workers), self.context(t, i, j))
             combine = self.combine_of(t)
             if not combine.elementwise:
                 def every(start: int, count: int, readonly: bool) -> list[torch.Tensor]:
@@ -388,7 +388,6 @@ class TensorComputer:
         if not t.edit:
             mf, info = self.inputs.get(self.plan.config_source, t.name)
             return mf.view(info, start, count), None
-        ctx = TensorContext(t.name, t.shape, start)
         streamed = self.streams(t)
         states = self.prepare(t) if streamed else {}
         part = Partial(len(self.aliases)) if stats is not None else None
@@ -405,11 +404,11 @@ class TensorComputer:
             if part is not None:
                 part.after[i] = _sq(d)
             deltas.append(d)
-        if streamed:
-            ctx = TensorContext(t.name, t.shape, start, states.get("combine"))
         combine = self.combine_of(t)
-        if combine.needs_base:
-            ctx = TensorContext(t.name, t.shape, start, ctx.state, base=base if streamed or t.elementwise else base.view(t.shape))
+        # What a run-level phase learned for the recipe's combine (whole-model TIES), keyed by it.
+        learned = self.run.entry(self.plan.recipe.combine, t.name)
+        ctx = TensorContext(t.name, t.shape, start, states.get("combine") if streamed else None, learned,
+                            base=(base if streamed or t.elementwise else base.view(t.shape)) if combine.needs_base else None)
         combined = combine.combine(deltas, list(self.weights_of(t)), ctx).reshape(-1)
         if part is not None:
             # One delta with weight 1 (ExPO, DARE alone) combines to itself: its norm is known.

@@ -160,6 +160,11 @@ def build_plan(recipe: Recipe, output: str | Path | None = None, recipe_dir: Pat
         if extra and alias != recipe.config_from:
             notes.append(f"{len(extra)} tensor(s) of '{alias}' are not in '{recipe.config_from}' and are left out (e.g. {extra[0]})")
     notes += list(recipe.notes)
+    if recipe.combine.prepass() == "global_statistics":
+        passes = (2 if recipe.combine.trim_scope == "global" else 0) + (recipe.combine.zero_sign == "paper")  # type: ignore[attr-defined]
+        notes.append(f"{recipe.combine.describe()} works over the whole model: {passes} read pass(es) before writing")
+        if any(p.label.startswith("combine.") for p in recipe.varying):
+            problems.append("a TIES combine over the whole model (trim_scope: global or zero_sign: paper) takes one density; remove its gradient or filters")
     if not cfg.has_config:
         notes.append(f"'{recipe.config_from}' has no config.json: the output will hold weights only")
     else:  # found now, not after all the compute when the files are copied

@@ -29,6 +29,7 @@ from weightx.pipeline.distill import distill_plan
 from weightx.pipeline.distributed import Dist, assign, detect
 from weightx.pipeline.engine import write_shards
 from weightx.pipeline.global_ternary import prepare as global_statistics
+from weightx.pipeline.global_ties import prepare as global_ties
 from weightx.pipeline.plan import Plan
 from weightx.pipeline.record import write_record
 from weightx.pipeline.resume import ResumeLog, clear, fingerprint, start_output
@@ -122,6 +123,7 @@ def execute(plan: Plan, *, device: str = "auto", overwrite: bool = False, progre
         dev = torch.device(f"cuda:{ranks.local_rank % max(1, torch.cuda.device_count())}")
     state = RunState()
     plan = global_statistics(plan, dev, state)  # may resize planned parts and shards
+    global_ties(plan, dev, state)
     mine = [plan.shards[i] for i in assign([s.nbytes for s in plan.shards], ranks.world)[ranks.rank]]
     # Each input file is hashed by the lowest rank that reads it, so no rank reads more than it needs.
     needs = ranks.gather(sorted(str(p) for p in _input_files(plan, mine)))

@@ -11,21 +11,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from weightx.combine.base import CombineConfig
 from weightx.edits.base import EditConfig
 
 
 @dataclass
 class RunState:
-    # id(edit config) → tensor name → what that edit uses for the tensor. Keyed by the config
+    # id(edit or combine config) → tensor name → what that edit uses for the tensor. Keyed by the config
     # object (not its value): two deltas may carry equal configs with different results.
     per_tensor: dict[int, dict[str, object]] = field(default_factory=dict)
     # weightx.json sections ("distill", "ternary_global") → one record per edit that ran the phase.
     records: dict[str, list[dict]] = field(default_factory=dict)
 
-    def entry(self, edit: EditConfig, name: str) -> object | None:
+    def entry(self, edit: EditConfig | CombineConfig, name: str) -> object | None:
         return self.per_tensor.get(id(edit), {}).get(name)
 
-    def learn(self, edit: EditConfig, values: dict[str, object], section: str, record: dict) -> None:
+    def learn(self, edit: EditConfig | CombineConfig, values: dict[str, object], section: str, record: dict) -> None:
         """Install one edit's per-tensor results and the record of how they were found."""
         self.per_tensor[id(edit)] = dict(values)
         self.records.setdefault(section, []).append(record)

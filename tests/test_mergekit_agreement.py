@@ -185,14 +185,28 @@ CASES = ["linear", "linear, base listed", "task_arithmetic", "ties, per-model de
 
 @pytest.mark.parametrize("case", CASES)
 def test_mergekit_config_runs_as_is_and_agrees(fp32_family, tmp_path, case):
-    """The deterministic methods: every tensor equal to mergekit's up to float32 rounding. Top-k
-    ties are broken differently (weightx: lowest index; mergekit: argsort order), but float32 noise
-    deltas have no exact ties at a threshold, so the kept sets agree too."""
+    """The deterministic methods: every tensor equal to mergekit's up to float32 rounding, except
+    where a top-k threshold falls on entries with equal |δ|: weightx keeps the lowest flat index,
+    mergekit whatever its sort order gives. Those entries must be ties, and are at most 1e-4 of all."""
     config = _configs({k: str(v) for k, v in fp32_family.items()})[case]
     wx, mk = _both(config, tmp_path)
     assert set(wx) == set(mk)
+    sd = {k: load_state_dict(v) for k, v in fp32_family.items()}
+    tie_broken = 0
     for name in wx:
-        torch.testing.assert_close(wx[name], mk[name], rtol=2e-5, atol=2e-6, msg=f"{case}: {name}")
+        far = ~torch.isclose(wx[name], mk[name], rtol=2e-5, atol=2e-6)
+        if far.any():
+            # The one documented difference: which of several entries with the same |δ| a top-k
+            # keeps at its threshold. Every differing entry must hold such a tie in some delta.
+            tied = torch.zeros_like(far)
+            for k in ("math", "code", "sft"):
+                mags = (sd[k][name] - sd["base"][name]).abs()
+                _, inverse, counts = torch.unique(mags, return_inverse=True, return_counts=True)
+                tied |= counts[inverse] > 1
+            assert bool((far <= tied).all()), f"{case}: {name}: {int((far & ~tied).sum())} entries differ without a tie"
+            tie_broken += int(far.sum())
+    total = sum(t.numel() for t in wx.values())
+    assert tie_broken <= 1e-4 * total, f"{case}: {tie_broken} tie-broken entries of {total}"
 
 
 def test_mergekit_dare_linear_config_agrees_in_distribution(fp32_family, tmp_path):

@@ -105,6 +105,8 @@ def from_mergekit(config: dict, cwd: Path | None = None, name: str | None = None
     method = config.get("merge_method")
     problems: list[tuple[str, str]] = []
     notes: list[str] = []
+    if not isinstance(method, str):
+        raise RecipeError("mergekit config", [("merge_method", f"expected a method name such as ties or slerp, got {method!r}")])
     if "slices" in config:
         raise RecipeError("mergekit config", [("slices", "slices stack layer ranges of models: not a delta merge, which is what weightx does; use mergekit for it")])
     if method in NOT_DELTA:
@@ -115,7 +117,10 @@ def from_mergekit(config: dict, cwd: Path | None = None, name: str | None = None
     for k in sorted(set(config) - KNOWN_TOP):
         problems.append((k, f"unknown mergekit key {k!r} (weightx reads {', '.join(sorted(KNOWN_TOP))})"))
     edit_op, combine_op, norm_default, rescale_default = METHODS[method]
-    params = dict(config.get("parameters") or {})
+    params = config.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise RecipeError("mergekit config", [("parameters", "parameters is a mapping, e.g. {normalize: true, lambda: 1.0}")])
+    params = dict(params)
     models = config.get("models") or []
     if not isinstance(models, list) or not models:
         raise RecipeError("mergekit config", [("models", "a mergekit config lists its models under models:")])
@@ -133,8 +138,20 @@ def from_mergekit(config: dict, cwd: Path | None = None, name: str | None = None
     base_ref = config.get("base_model")
     if isinstance(base_ref, (dict, str)):
         base_ref = _model_ref({"model": base_ref}, "base_model")
-    entries = [(_model_ref(m, f"models.{i}"), dict((m.get("parameters") if isinstance(m, dict) else None) or {}))
-               for i, m in enumerate(models)]
+    entries = []
+    for i, m in enumerate(models):
+        try:
+            ref = _model_ref(m, f"models.{i}")
+        except RecipeError as e:  # every model's problem, not only the first
+            problems += e.problems
+            continue
+        p = m.get("parameters") if isinstance(m, dict) else None
+        if p is not None and not isinstance(p, dict):
+            problems.append((f"models.{i}.parameters", "parameters is a mapping, e.g. {weight: 0.5, density: 0.3}"))
+            p = None
+        entries.append((ref, dict(p or {})))
+    if problems:
+        raise RecipeError("mergekit config", problems)
     base_weight = 0.0
     if base_ref is None:
         if method not in ("linear", "nuslerp"):

@@ -51,6 +51,9 @@ def test_dare_ties_is_dare_with_l1_rescale_then_ties_sum(merge_family):
     ({"merge_method": "linear", "models": [{"model": "a+lora"}, {"model": "b"}]}, "LoRA"),
     ({"merge_method": "linear", "models": [{"model": "a"}, {"model": "b"}], "tokenizer_source": "union"}, "union"),
     ({"merge_method": "linear", "models": [{"model": "a"}, {"model": "b"}], "frobnicate": 1}, "unknown mergekit key"),
+    ({"merge_method": [1, 2], "models": [{"model": "a"}]}, "expected a method name"),
+    ({"merge_method": "ties", "base_model": "b", "parameters": 3, "models": [{"model": "a"}]}, "parameters is a mapping"),
+    ({"merge_method": "ties", "base_model": "b", "models": [{"parameters": {}}, {"model": 5}]}, r"models\.0.*\n.*models\.1"),
 ])
 def test_what_weightx_cannot_run_is_one_line_each(config, message):
     with pytest.raises(RecipeError, match=message):

@@ -123,3 +123,18 @@ def test_plan_prints_the_values_a_parameter_takes(merge_family, tmp_path):
     r = run_cli("plan", str(write_recipe(tmp_path / "r.yaml", doc)))
     assert r.returncode == 0, r.stderr
     assert "deltas.0.edits.0.expo.alpha varies by tensor" in r.stdout
+
+
+def test_model_card_states_varying_parameters_as_written(merge_family, tmp_path):
+    """The card never prints one value of a parameter that varies by tensor as if it were the only one."""
+    import json
+
+    from weightx.pipeline.card import summary
+
+    doc = _doc(merge_family, tmp_path, "sum", [
+        {"model": "math", "weight": {"gradient": [0.2, 1.0]}, "edits": [{"magnitude": {"density": {"gradient": [0.1, 0.9]}}}]},
+    ])
+    res = weightx.apply(doc)
+    text = summary(json.loads((res.path / "weightx.json").read_text()))
+    assert "[0.1, 0.9]" in text and "[0.2, 1.0]" in text
+    assert "top 0.1" not in text

@@ -134,19 +134,21 @@ def _label(record: dict, alias: str) -> str:
 
 def _describe_edits(recipe: dict) -> list[list[str]]:
     """Per delta, the plain-words description of each edit (the method's own `describe()`)."""
+    def recorded(e: Any) -> str:
+        op, params = next(iter(e.items())) if isinstance(e, dict) and e else (str(e), {})
+        inner = ", ".join(f"{k}={v}" for k, v in (params or {}).items() if k not in ("include", "exclude"))
+        return f"{op}({inner})"
+
     try:
         r = validate_recipe(recipe, "weightx.json")
-        return [[e.describe() for e in d.edits] for d in r.deltas]
+        # An edit whose parameters vary by tensor is described by its recorded settings (the
+        # gradient or filters): its own describe() would print one value as if it were the only one.
+        varying = {tuple(int(x) for x in p.label.split(".")[1:4:2]) for p in r.varying if p.label.startswith("deltas.") and ".edits." in p.label}
+        raw = recipe.get("deltas") or []
+        return [[recorded(raw[i]["edits"][j]) if (i, j) in varying else e.describe() for j, e in enumerate(d.edits)]
+                for i, d in enumerate(r.deltas)]
     except Exception:  # an op this weightx version no longer knows: fall back to the recorded params
-        out = []
-        for d in recipe.get("deltas") or []:
-            descs = []
-            for e in d.get("edits") or []:
-                op, params = next(iter(e.items())) if isinstance(e, dict) and e else (str(e), {})
-                inner = ", ".join(f"{k}={v}" for k, v in (params or {}).items() if k not in ("include", "exclude"))
-                descs.append(f"{op}({inner})")
-            out.append(descs)
-        return out
+        return [[recorded(e) for e in d.get("edits") or []] for d in recipe.get("deltas") or []]
 
 
 def summary(record: dict) -> str:
@@ -157,7 +159,8 @@ def summary(record: dict) -> str:
     for d, edits in zip(deltas, _describe_edits(recipe)):
         what = ", then ".join(edits) or "the unedited delta"
         w = d.get("weight", 1.0)
-        weight = f" with weight {w:g}" if isinstance(w, (int, float)) and w != 1.0 else ""
+        weight = (f" with weight {w:g}" if isinstance(w, (int, float)) and w != 1.0 else
+                  f" with weight {w}" if not isinstance(w, (int, float)) else "")  # a gradient or filters, as written
         parts.append(f"{what} from {_label(record, recipe.get('base', '?'))} through {_label(record, d.get('model', '?'))}{weight}")
     text = "; ".join(parts) or "No edits"
     comb, params = _combine(recipe)

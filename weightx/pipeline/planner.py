@@ -203,10 +203,13 @@ def render_plan(plan: Plan) -> str:
         lines.append(f"  {alias:<12} {role:<6} {src.describe()}  ({n} tensors, {human_bytes(src.total_bytes)})")
     lines.append("deltas:")
     counts = plan.edit_counts()
-    for d, c in zip(r.deltas, counts):
+    varied = {p.label.split(".")[1] if p.label.startswith("deltas.") else "combine" for p in r.varying}
+    for i, (d, c) in enumerate(zip(r.deltas, counts)):
         edits = ", ".join(f"{e.describe()} on {c[e.op]} tensors" for e in d.edits) or "no edits"
-        lines.append(f"  {d.model} − {r.base}  weight {d.weight:g}: {edits}")
-    lines.append(f"combine: {r.combine.describe()}")
+        mark = "  (first value shown; it varies by tensor, see below)" if str(i) in varied else ""
+        lines.append(f"  {d.model} − {r.base}  weight {d.weight:g}: {edits}{mark}")
+    mark = "  (first value shown; it varies by tensor, see below)" if "combine" in varied else ""
+    lines.append(f"combine: {r.combine.describe()}{mark}")
     for p in r.varying:
         values = sorted({round(v, 6) for v in _resolved_values(plan, p.label)})
         shown = ", ".join(f"{v:g}" for v in values[:8]) + (", …" if len(values) > 8 else "")

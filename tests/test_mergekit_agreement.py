@@ -209,13 +209,15 @@ def test_mergekit_config_runs_as_is_and_agrees(fp32_family, tmp_path, case):
     assert tie_broken <= 1e-4 * total, f"{case}: {tie_broken} tie-broken entries of {total}"
 
 
-def test_mergekit_dare_linear_config_agrees_in_distribution(fp32_family, tmp_path):
+@pytest.mark.parametrize("method", ["dare_linear", "della_linear"])
+def test_mergekit_random_configs_agree_in_distribution(fp32_family, tmp_path, method):
     """Random masks cannot agree (mergekit: torch.bernoulli on the global generator; weightx: the
-    counter hash). Stated and bounded instead: per tensor the kept fraction is density ± 5σ for both,
-    and with rescale (L1) each delta's L1 norm is restored by both to float32 rounding."""
+    counter hash). Stated and bounded instead: per tensor the kept fraction is density ± 5σ for both
+    (DELLA's per-entry probabilities average to the density), and with rescale (L1) each delta's L1
+    norm is restored by both to float32 rounding."""
     f = {k: str(v) for k, v in fp32_family.items()}
-    config = {"merge_method": "dare_linear", "base_model": f["base"], "models": [
-        {"model": f["math"], "parameters": {"weight": 1.0, "density": 0.3}}]}
+    config = {"merge_method": method, "base_model": f["base"], "models": [
+        {"model": f["math"], "parameters": {"weight": 1.0, "density": 0.3, **({"epsilon": 0.1} if method == "della_linear" else {})}}]}
     wx, mk = _both(config, tmp_path)
     base, math_ = load_state_dict(fp32_family["base"]), load_state_dict(fp32_family["math"])
     for name in wx:

@@ -18,6 +18,7 @@ import torch
 from weightx.combine.base import CombineConfig
 from weightx.edits.base import TensorContext
 
+PAPER = "https://doi.org/10.1145/325165.325242"  # Shoemake 1985
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
 
@@ -37,6 +38,7 @@ def slerp_coefficients(t: float, v0: torch.Tensor, v1: torch.Tensor) -> tuple[fl
 
 class Slerp(CombineConfig):
     op: Literal["slerp"] = "slerp"
+    paper: ClassVar[str | None] = PAPER
     t: float
 
     elementwise: ClassVar[bool] = False  # norms and the angle of whole tensors

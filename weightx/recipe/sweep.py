@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 MAX_CANDIDATES = 64
 
@@ -45,15 +45,16 @@ def _op_params(node: Any) -> tuple[str, dict, tuple] | None:
     return None
 
 
-def find_params(data: dict) -> list[SweepParam]:
-    """Every swept parameter in raw recipe data, in recipe order."""
-    found: list[SweepParam] = []
+def parameter_sites(data: dict) -> Iterator[tuple[tuple, str, Any]]:
+    """(raw path, canonical label, value) of every parameter that may take a number, in recipe
+    order: each delta's weight, each edit's parameters, the combine's. The sweep and the per-tensor
+    grammar (`weightx.recipe.varying`) pick theirs from these."""
     deltas = data.get("deltas")
     for i, d in enumerate(deltas if isinstance(deltas, list) else []):
         if not isinstance(d, dict):
             continue
-        if _numeric_list(d.get("weight")):
-            found.append(SweepParam(("deltas", i, "weight"), f"deltas.{i}.weight", tuple(d["weight"])))
+        if "weight" in d:
+            yield ("deltas", i, "weight"), f"deltas.{i}.weight", d["weight"]
         edits = d.get("edits")
         for j, e in enumerate(edits if isinstance(edits, list) else []):
             got = _op_params(e)
@@ -61,15 +62,19 @@ def find_params(data: dict) -> list[SweepParam]:
                 continue
             op, params, sub = got
             for k, v in params.items():
-                if k not in ("op", "include", "exclude") and _numeric_list(v):
-                    found.append(SweepParam(("deltas", i, "edits", j, *sub, k), f"deltas.{i}.edits.{j}.{op}.{k}", tuple(v)))
+                if k not in ("op", "include", "exclude"):
+                    yield ("deltas", i, "edits", j, *sub, k), f"deltas.{i}.edits.{j}.{op}.{k}", v
     got = _op_params(data.get("combine"))
     if got is not None:
         op, params, sub = got
         for k, v in params.items():
-            if k != "op" and _numeric_list(v):
-                found.append(SweepParam(("combine", *sub, k), f"combine.{op}.{k}", tuple(v)))
-    return found
+            if k != "op":
+                yield ("combine", *sub, k), f"combine.{op}.{k}", v
+
+
+def find_params(data: dict) -> list[SweepParam]:
+    """Every swept parameter in raw recipe data, in recipe order."""
+    return [SweepParam(path, label, tuple(v)) for path, label, v in parameter_sites(data) if _numeric_list(v)]
 
 
 def substitute(data: dict, params: list[SweepParam], values: tuple) -> dict:

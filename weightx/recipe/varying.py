@@ -19,6 +19,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from weightx.recipe.sweep import parameter_sites
+
 _LAYER = re.compile(r"^(.*?)\.(\d+)(?:\.|$)")
 
 
@@ -41,41 +43,9 @@ class VaryingParam:
     setting: Any  # the gradient dict or filter list, as written
 
 
-def _op_params(node: Any) -> tuple[str, dict, tuple] | None:
-    if isinstance(node, dict) and len(node) == 1 and "op" not in node:
-        (op, params), = node.items()
-        if isinstance(params, dict):
-            return str(op), params, (op,)
-    if isinstance(node, dict) and "op" in node:
-        return str(node["op"]), node, ()
-    return None
-
-
 def find_varying(data: dict) -> list[VaryingParam]:
     """Every gradient- or filter-valued parameter of raw recipe data, in recipe order."""
-    found: list[VaryingParam] = []
-    deltas = data.get("deltas")
-    for i, d in enumerate(deltas if isinstance(deltas, list) else []):
-        if not isinstance(d, dict):
-            continue
-        if is_varying(d.get("weight")):
-            found.append(VaryingParam(("deltas", i, "weight"), f"deltas.{i}.weight", d["weight"]))
-        edits = d.get("edits")
-        for j, e in enumerate(edits if isinstance(edits, list) else []):
-            got = _op_params(e)
-            if got is None:
-                continue
-            op, params, sub = got
-            for k, v in params.items():
-                if k not in ("op", "include", "exclude") and is_varying(v):
-                    found.append(VaryingParam(("deltas", i, "edits", j, *sub, k), f"deltas.{i}.edits.{j}.{op}.{k}", v))
-    got = _op_params(data.get("combine"))
-    if got is not None:
-        op, params, sub = got
-        for k, v in params.items():
-            if k != "op" and is_varying(v):
-                found.append(VaryingParam(("combine", *sub, k), f"combine.{op}.{k}", v))
-    return found
+    return [VaryingParam(path, label, v) for path, label, v in parameter_sites(data) if is_varying(v)]
 
 
 def setting_problems(setting: Any, label: str) -> list[tuple[str, str]]:

@@ -34,7 +34,6 @@ from weightx.recipe.gates import parse_gate, parse_select
 from weightx.recipe.mergekit import from_mergekit, is_mergekit
 from weightx.recipe.sweep import Sweep, find_params, substitute, sweep_problems
 from weightx.recipe.varying import VaryingParam, endpoints, evaluate, find_varying, first_value, setting_problems
-from weightx.recipe.varying import substitute as substitute_varying
 
 MAX_YAML_ALIASES = 100
 MAX_YAML_BYTES = 1 << 20
@@ -453,18 +452,18 @@ def _validate_varying(data: dict, params: list[VaryingParam], source: str, sweep
         problems += setting_problems(p.setting, p.label)
     if problems:
         raise RecipeError(source, problems)
-    if sweep and find_params(substitute_varying(data, params, [first_value(p.setting) for p in params])):
+    if sweep and find_params(substitute(data, params, [first_value(p.setting) for p in params])):
         raise RecipeError(source, [(params[0].label, "a recipe with gradients or filters cannot also sweep a list of values; run the sweep without them")])
     firsts = [first_value(p.setting) for p in params]
     recipe = None
     try:
-        recipe = validate_recipe(substitute_varying(data, params, firsts), source, sweep=False)
+        recipe = validate_recipe(substitute(data, params, firsts), source, sweep=False)
     except RecipeError as e:
         problems += e.problems
     for i, p in enumerate(params):
         for value in endpoints(p.setting)[1:]:
             try:
-                validate_recipe(substitute_varying(data, params, firsts[:i] + [value] + firsts[i + 1:]), source, sweep=False)
+                validate_recipe(substitute(data, params, firsts[:i] + [value] + firsts[i + 1:]), source, sweep=False)
             except RecipeError as e:
                 problems += [(loc, f"{msg} (in its gradient or filter values)") for loc, msg in e.problems if loc == p.label]
     if problems or recipe is None:

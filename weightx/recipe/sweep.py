@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 MAX_CANDIDATES = 64
 
@@ -77,8 +77,9 @@ def find_params(data: dict) -> list[SweepParam]:
     return [SweepParam(path, label, tuple(v)) for path, label, v in parameter_sites(data) if _numeric_list(v)]
 
 
-def substitute(data: dict, params: list[SweepParam], values: tuple) -> dict:
-    """A deep copy of `data` with each swept list replaced by one value."""
+def substitute(data: dict, params: list, values: Iterable[Any]) -> dict:
+    """A deep copy of `data` with the setting at each parameter's `raw_path` replaced by one value
+    (swept lists here, gradients and filters in `weightx.recipe.varying`)."""
     out = copy.deepcopy(data)
     for p, v in zip(params, values):
         node: Any = out

@@ -14,7 +14,6 @@ Layer position (mergekit's): tensors `<stack>.<i>.…` of a stack of n layers ha
 
 from __future__ import annotations
 
-import copy
 import re
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -119,16 +118,6 @@ def layer_positions(names: Iterable[str]) -> dict[str, float]:
         stack, i = found[n]
         count = stacks[stack]
         out[n] = i / (count - 1) if count > 1 else 1.0
-    return out
-
-
-def substitute(data: dict, params: list[VaryingParam], values: Iterable[Any]) -> dict:
-    out = copy.deepcopy(data)
-    for p, v in zip(params, values):
-        node: Any = out
-        for key in p.raw_path[:-1]:
-            node = node[key]
-        node[p.raw_path[-1]] = v
     return out
 
 

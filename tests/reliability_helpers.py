@@ -50,6 +50,9 @@ for line in sys.stdin:
                 sys.stderr = open(2, "w", closefd=False)
                 os.environ.update(req.get("env") or {})
                 os.chdir(req["cwd"])
+                # Ctrl-C as at a terminal, even when the test run itself was started in the
+                # background (a non-interactive shell starts background jobs with SIGINT ignored).
+                signal.signal(signal.SIGINT, signal.default_int_handler)
                 if req.get("fsize") is not None:
                     # ignore SIGXFSZ so that exceeding the limit is an EFBIG error, like a full disk
                     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

@@ -89,9 +89,7 @@ def ties(
     # (mergekit's `sum >= 0`): −(+0.0) has its sign bit set.
     if state is not None and state.minus is not None:
         minus = state.minus
-    elif minus is not None:  # the whole model's election (`zero_sign: paper`)
-        pass
-    else:
+    elif minus is None:  # else the whole model's election (`zero_sign: paper`)
         minus = zero_sign == "majority" and int((mass < 0).sum()) > int((mass > 0).sum())
     if minus:
         # Most of the tensor elects −: a zero sum does too, i.e. + only where the sum is > 0.

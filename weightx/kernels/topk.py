@@ -41,7 +41,7 @@ def keep_count(density: float, n: int) -> int:
     return min(n, max(1, math.floor(Fraction(str(density)) * n)))
 
 
-def _kth_bucket(counts: torch.Tensor, k: int) -> tuple[int, int]:
+def kth_bucket(counts: torch.Tensor, k: int) -> tuple[int, int]:
     """Largest bucket b with #(entries in buckets ≥ b) ≥ k, and #(entries in buckets > b)."""
     at_or_above = counts.flip(0).cumsum(0).flip(0)  # non-increasing in b
     b = int((at_or_above >= k).sum()) - 1
@@ -102,9 +102,9 @@ def threshold_bits(x: torch.Tensor, k: int, ws: Workspace | None = None) -> tupl
     n = x.numel()
     bits = x.reshape(-1).view(torch.int32)
     hi = torch.bitwise_right_shift(bits, 16, out=ws.ints[:n]).bitwise_and_(_ABS >> 16)  # 15 bits, no sign
-    b, above = _kth_bucket(torch.bincount(hi, minlength=1 << 15), k)
+    b, above = kth_bucket(torch.bincount(hi, minlength=1 << 15), k)
     counts = torch.bincount(_bucket_low_bits(bits, b, hi), minlength=1 << 16)
-    lo, above_lo = _kth_bucket(counts, k - above)
+    lo, above_lo = kth_bucket(counts, k - above)
     return (b << 16) | lo, k - above - above_lo, int(counts[lo])
 
 
@@ -242,7 +242,7 @@ def select_blocks(blocks: Blocks, n: int, ks: list[int]) -> list[Selection]:
     for h in each_block(blocks, high, readonly=True):
         for i in live:
             hist[i] += h[i]
-    bucket = {i: _kth_bucket(hist[i], sels[i].k) for i in live}
+    bucket = {i: kth_bucket(hist[i], sels[i].k) for i in live}
 
     # The k-th bucket's members (low 16 bits) of each block are kept, up to MEMBER_BYTES in all, so
     # the ties at v per block are counted from them instead of in a third pass over the blocks.
@@ -272,7 +272,7 @@ def select_blocks(blocks: Blocks, n: int, ks: list[int]) -> list[Selection]:
         del members
     for i in live:
         b, above = bucket[i]
-        lo, above_lo = _kth_bucket(lo_hist[i], sels[i].k - above)
+        lo, above_lo = kth_bucket(lo_hist[i], sels[i].k - above)
         s = sels[i]
         s.v, s.r, s.e = (b << 16) | lo, s.k - above - above_lo, int(lo_hist[i][lo])
     split = [i for i in live if sels[i].partial]

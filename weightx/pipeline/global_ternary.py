@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 
 from weightx.edits.ternary import ABS_BITS, GlobalSelection, Ternary
-from weightx.kernels.topk import keep_count
+from weightx.kernels.topk import keep_count, kth_bucket
 from weightx.pipeline.compression import with_parts
 from weightx.pipeline.compute import Inputs, TensorComputer
 from weightx.pipeline.plan import Plan, TensorPlan
@@ -47,13 +47,6 @@ def _deltas(plan: Plan, i: int, tensors: list[TensorPlan], device: torch.device)
             yield t, d.reshape(-1).to(torch.float32).contiguous()
     finally:
         inputs.close()
-
-
-def _kth_bucket(counts: torch.Tensor, k: int) -> tuple[int, int]:
-    """Largest bucket b with #(entries in buckets ≥ b) ≥ k, and #(entries in buckets > b)."""
-    at_or_above = counts.flip(0).cumsum(0).flip(0)
-    b = int((at_or_above >= k).sum()) - 1
-    return b, int(at_or_above[b + 1]) if b + 1 < counts.numel() else 0
 
 
 def _value(bits: int) -> float:
@@ -80,7 +73,7 @@ def statistics(plan: Plan, i: int, edit: Ternary, device: torch.device, state: R
             mean += delta * n / total
             count = total
     k = keep_count(edit.density, count)
-    b, above = _kth_bucket(high, k) if k else (0, 0)
+    b, above = kth_bucket(high, k) if k else (0, 0)
 
     per: list[tuple[TensorPlan, int, float, torch.Tensor, torch.Tensor]] = []  # t, above, Σ|δ| above, lo values, counts
     low = torch.zeros(LOW, dtype=torch.int64)
@@ -94,7 +87,7 @@ def statistics(plan: Plan, i: int, edit: Ternary, device: torch.device, state: R
         lo, cnt = lo.cpu().long(), cnt.cpu()
         low.index_add_(0, lo, cnt)
         per.append((t, n_over, s_over, lo, cnt))
-    lo_v, above_lo = _kth_bucket(low, k - above) if k else (0, 0)
+    lo_v, above_lo = kth_bucket(low, k - above) if k else (0, 0)
     v = (b << 16) | lo_v
     ties_left = (k - above - above_lo) if v > 0 else 0
 

@@ -23,7 +23,7 @@ import time
 import torch
 
 from weightx.combine.ties import GlobalTies, Ties, TiesState, trim_and_mass, prepare_ties
-from weightx.kernels.topk import Selection, keep_count, reference_count
+from weightx.kernels.topk import Selection, keep_count, kth_bucket, reference_count
 from weightx.pipeline.compute import Inputs, TensorComputer
 from weightx.pipeline.plan import Plan, TensorPlan
 from weightx.pipeline.state import RunState
@@ -31,13 +31,6 @@ from weightx.pipeline.state import RunState
 ABS = 0x7FFFFFFF
 HIGH = 1 << 15
 LOW = 1 << 16
-
-
-def _kth_bucket(counts: torch.Tensor, k: int) -> tuple[int, int]:
-    """Largest bucket b with #(entries in buckets ≥ b) ≥ k, and #(entries in buckets > b)."""
-    at_or_above = counts.flip(0).cumsum(0).flip(0)
-    b = int((at_or_above >= k).sum()) - 1
-    return b, int(at_or_above[b + 1]) if b + 1 < counts.numel() else 0
 
 
 def _each(plan: Plan, tensors: list[TensorPlan], device: torch.device):
@@ -60,7 +53,7 @@ def _global_trims(plan: Plan, ties: Ties, tensors: list[TensorPlan], device: tor
         for i, d in enumerate(ds):
             high[i] += torch.bincount(d.view(torch.int32).bitwise_and(ABS).bitwise_right_shift_(16), minlength=HIGH)
     k = [keep_count(ties.density, total) if ties.count == "exact" else reference_count(ties.density, total)] * m
-    buckets = [_kth_bucket(high[i].cpu(), k[i]) if 0 < k[i] < total else (0, 0) for i in range(m)]
+    buckets = [kth_bucket(high[i].cpu(), k[i]) if 0 < k[i] < total else (0, 0) for i in range(m)]
     per: list[tuple[TensorPlan, list[tuple[int, torch.Tensor, torch.Tensor]]]] = []
     low = [torch.zeros(LOW, dtype=torch.int64) for _ in range(m)]
     for t, ds in _each(plan, tensors, device):
@@ -85,7 +78,7 @@ def _global_trims(plan: Plan, ties: Ties, tensors: list[TensorPlan], device: tor
             record["threshold"].append(0.0)
             continue
         b, above = buckets[i]
-        lo_v, above_lo = _kth_bucket(low[i], k[i] - above)
+        lo_v, above_lo = kth_bucket(low[i], k[i] - above)
         v = (b << 16) | lo_v
         ties_left = k[i] - above - above_lo
         kept = 0

@@ -208,7 +208,7 @@ def test_artifact_cannot_be_a_base_and_delta_format_rules(family, tmp_path):
         return str(e.value)
 
     base = recipe(family["sft"], family["dpo"], tmp_path / "x", [{"expo": {"alpha": 0.3}}])
-    assert "needs a compressing edit" in problems(base)
+    assert "stores a compressing edit (bitdelta, ternary) or a sparse one" in problems(base)  # expo alone is neither
     two = recipe(family["sft"], family["dpo"], tmp_path / "x", [{"bitdelta": {}}])
     two["models"]["math"] = str(family["base"])
     two["deltas"].append({"model": "math"})

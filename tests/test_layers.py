@@ -24,7 +24,7 @@ LAYERS = [
     ["weightx.recipe"],
     ["weightx.pipeline"],
     ["weightx.validate"],
-    ["weightx.inspect", "weightx.serving", "weightx.publish", "weightx.smollm", "weightx.testing"],
+    ["weightx.inspect", "weightx.diff", "weightx.direction", "weightx.serving", "weightx.publish", "weightx.smollm", "weightx.testing"],
     ["weightx.api"],
     ["weightx.cli", "weightx.__main__", "weightx"],
 ]

@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+from weightx.diff import diff, plot as plot_diff, render as render_diff
+from weightx.direction import direction_hint, render_direction
 from weightx.errors import WeightxError
 from weightx.inspect import inspect_source
 from weightx.io.verify import render_verify, verify
@@ -124,3 +126,20 @@ __all__ = [
     "execute", "human_bytes", "inspect_source", "plan", "push", "read_weightx_json", "render_dry_run", "render_push",
     "render_sweep", "render_validation", "render_verify", "verify",
 ]
+
+
+def diff_models(paths: list[str], *, rank: bool = False, as_json: bool = False, per_tensor: bool = False,
+                plot: str | Path | None = None, direction: str | Path | None = None) -> str:
+    """`weightx diff`: the deltas' statistics as a table (or JSON); optionally a PNG plot and the
+    extrapolation direction hint (`weightx.diff_direction`) on a text file."""
+    doc = diff(list(paths), rank=rank)
+    if direction is not None:
+        doc["direction"] = direction_hint(paths[0], paths[1:], Path(direction))
+    if plot is not None:
+        plot_diff(doc, Path(plot))
+    if as_json:
+        return json.dumps(doc, indent=2)
+    text = render_diff(doc, per_tensor)
+    if direction is not None:
+        text += "\n" + render_direction(doc["direction"])
+    return text

@@ -156,6 +156,18 @@ def inspect(path: str, show_tensors: bool, as_json: bool) -> None:
 
 
 @main.command()
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--tensors", "per_tensor", is_flag=True, help="One row per tensor instead of per layer.")
+@click.option("--rank", is_flag=True, help="Also each matrix's effective rank at 90% energy (an SVD per matrix).")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write per-layer bar charts to this PNG file.")
+@click.option("--direction", type=click.Path(dir_okay=False), help="Text file: report Σ g·δ (ExPO's direction hint) on it.")
+def diff(paths: tuple[str, ...], as_json: bool, per_tensor: bool, rank: bool, plot: str | None, direction: str | None) -> None:
+    """Statistics of the deltas MODEL − BASE: weightx diff BASE MODEL [MODEL ...]. Writes nothing."""
+    click.echo(_api().diff_models(list(paths), rank=rank, as_json=as_json, per_tensor=per_tensor, plot=plot, direction=direction))
+
+
+@main.command()
 @click.argument("path", type=click.Path(file_okay=False))
 @click.option("--repo", help="Hub repo id, namespace/name (default: the recipe's push.repo).")
 @click.option("--private", is_flag=True, help="Create the repo private (refuses an existing public one).")

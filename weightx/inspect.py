@@ -87,6 +87,9 @@ def describe_artifact(src: Source) -> dict:
     scales: dict[str, dict] = {}
     for name, entry in sorted(art.codecs.items()):
         codecs[entry["codec"]] = codecs.get(entry["codec"], 0) + 1
+        if entry["codec"] == "sparse":  # changed positions and their values: no scale
+            scales[name] = {"codec": "sparse", "shape": entry["shape"], "k": entry.get("k"), "positions": entry.get("positions")}
+            continue
         s = art.parts(name)["scale"].to(torch.float32)
         flat = s.reshape(-1)
         row: dict = {"codec": entry["codec"], "shape": entry["shape"]}
@@ -140,7 +143,9 @@ def render_artifact(d: dict) -> list[str]:
     lines.append("  scales:")
     width = max((len(n) for n in d["tensors"]), default=0)
     for name, row in d["tensors"].items():
-        if "scale" in row:
+        if row["codec"] == "sparse":
+            val = f"changed entries stored ({row['positions']} positions)"
+        elif "scale" in row:
             val = ", ".join(f"{v:.6g}" for v in row["scale"])
         else:
             val = "; ".join(f"rows mean {p['mean']:.6g} [{p['min']:.4g}, {p['max']:.4g}]" for p in row["scale_summary"])

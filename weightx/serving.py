@@ -76,6 +76,10 @@ def load_delta(path: str | Path) -> DeltaArtifact:
     reader: ArtifactReader | None = src.artifact
     if reader is None:
         raise InputError(f"{path} is not a weightx delta artifact (no weightx.json with output.format: delta)")
+    sparse = [n for n in reader.codecs if reader.is_sparse(n)]
+    if sparse:
+        raise InputError(f"{path} stores sparse edits (e.g. {sparse[0]}), which serving in memory does not apply yet;"
+                         " rebuild it on its base with `weightx apply` (recipes/materialize.yaml) and load that")
     parts = {n: {k: v.clone() for k, v in reader.parts(n).items()} for n in reader.codecs}
     whole = {}
     maps: dict[str, MappedFile] = {}

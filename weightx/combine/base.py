@@ -19,6 +19,11 @@ class CombineConfig(BaseModel):
     streams: ClassVar[bool] = False  # see EditConfig.streams; `prepare(blocks, weights, ctx)`
     needs_base: ClassVar[bool] = False  # `combine` reads the base block (ctx.base) besides the deltas
 
+    def kept_fraction(self) -> float | None:
+        """As `EditConfig.kept_fraction`: the share of entries the combined delta keeps non-zero
+        (an upper estimate), or None when the combine does not zero entries."""
+        return None
+
     def prepass(self) -> Prepass | None:
         """The run-level phase this configured combine needs before writing, or None."""
         return None

@@ -206,6 +206,9 @@ class Ties(CombineConfig):
     elect: Literal["weighted", "unweighted"] = "weighted"
     divide: Literal["weights", "count"] = "weights"
 
+    def kept_fraction(self) -> float | None:
+        return self.density  # per delta; the union over deltas is estimated by the planner
+
     elementwise: ClassVar[bool] = False  # trimming needs each whole tensor's threshold …
 
     @property

@@ -91,6 +91,11 @@ class EditConfig(BaseModel):
         """The run-level phase this configured edit needs before writing (one of `prepasses`), or None."""
         return None
 
+    def kept_fraction(self) -> float | None:
+        """The share of entries this configured edit leaves non-zero, for storing its output sparsely
+        (`format: delta` without a compressing edit); None: it does not zero entries."""
+        return None
+
     def applies_to(self, name: str, shape: tuple[int, ...]) -> bool:
         if self.ranks is not None and len(shape) not in self.ranks:
             return False

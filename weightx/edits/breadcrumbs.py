@@ -84,6 +84,9 @@ class Breadcrumbs(EditConfig):
     density: float
     gamma: float = 0.01
 
+    def kept_fraction(self) -> float | None:
+        return self.density
+
     elementwise = False  # two thresholds of the whole tensor …
     streams = True  # … gathered over blocks by `prepare`
 

@@ -141,6 +141,9 @@ class Dare(EditConfig):
     k: float = 0.0
     seed: int | None = None  # None: independent per delta (see the module doc)
 
+    def kept_fraction(self) -> float | None:
+        return 1.0 - self.drop if self.k == 0.0 else None  # k ≠ 0 scales the dropped entries instead
+
     @field_validator("drop")
     @classmethod
     def _drop_range(cls, v: float) -> float:

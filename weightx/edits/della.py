@@ -76,6 +76,9 @@ class Della(EditConfig):
     rescale: Literal["inverse_keep", "l1", "none"] = "inverse_keep"
     seed: int | None = None  # None: keyed by the delta's alias (independent masks), as `dare`
 
+    def kept_fraction(self) -> float | None:
+        return self.density
+
     elementwise = False  # ranks within rows
 
     @model_validator(mode="after")

@@ -107,6 +107,9 @@ class Magnitude(EditConfig):
     rescale: Literal["none", "inverse_keep", "l1"] = "none"
     count: Literal["exact", "reference"] = "exact"  # reference: MergeLM's (see the module doc)
 
+    def kept_fraction(self) -> float | None:
+        return self.density
+
     elementwise = False  # the threshold is a statistic of the whole tensor …
     streams = True  # … which `prepare` gathers over blocks first
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from weightx.errors import InputError
-from weightx.formats import CODEC_PARAMS, DECODERS, ENCODING, SUFFIXES, VERSION
+from weightx.formats import CODEC_PARAMS, DECODERS, ENCODING, SUFFIXES, VERSION, sparse
 from weightx.formats.bitdelta import part_specs as bitdelta_parts
 from weightx.formats.ternary import part_specs as ternary_parts
 from weightx.io.provenance import cached_sha256
@@ -109,7 +109,7 @@ class ArtifactReader:
 
     def _checked(self, where: Path, name: str, entry: object) -> dict:
         """One compressed tensor's record, checked against the codec and the part headers before use."""
-        if not isinstance(entry, dict) or not isinstance(entry.get("codec"), str) or entry["codec"] not in DECODERS:
+        if not isinstance(entry, dict) or not isinstance(entry.get("codec"), str) or entry["codec"] not in CODEC_PARAMS:
             raise InputError(f"{where}: tensor {name!r} has unknown codec {entry.get('codec') if isinstance(entry, dict) else entry!r}; upgrade weightx")
         shape = entry.get("shape")
         if (not isinstance(entry.get("dtype"), str) or entry["dtype"] not in DTYPES or not isinstance(shape, list) or not shape
@@ -121,6 +121,11 @@ class ArtifactReader:
         if codec == "bitdelta":
             ok = params.get("bits") in range(1, 9) and params.get("group") in ("tensor", "row") and not isinstance(params.get("bits"), bool)
             specs = bitdelta_parts(tuple(shape), params["bits"], params["group"]) if ok else {}
+        elif codec == "sparse":
+            k = params.get("k")
+            ok = (isinstance(k, int) and not isinstance(k, bool) and 0 <= k <= n and params.get("positions") in ("index", "mask")
+                  and entry["dtype"] in ("F32", "F16", "BF16", "F64"))
+            specs = sparse.part_specs(tuple(shape), entry["dtype"], k, params["positions"]) if ok else {}
         else:
             k = params.get("k")
             ok = isinstance(k, int) and not isinstance(k, bool) and 0 <= k <= n
@@ -144,8 +149,42 @@ class ArtifactReader:
     def logical_weight_map(self) -> dict[str, str]:
         parts = {f"{n}.{s}" for n in self.codecs for s in SUFFIXES}
         wm = {n: s for n, s in self.raw_map.items() if n not in parts}
-        wm.update({n: self.raw_map[f"{n}.packed"] for n in self.codecs})
+        wm.update({n: self.raw_map[f"{n}.values" if e["codec"] == "sparse" else f"{n}.packed"] for n, e in self.codecs.items()})
         return wm
+
+    def is_sparse(self, name: str) -> bool:
+        """A tensor stored as the output's differing values: decoding it needs the base's values."""
+        e = self.codecs.get(name)
+        return e is not None and e["codec"] == "sparse"
+
+    def _sparse(self, name: str, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sorted positions, values) of a sparse tensor, decoded once and cached."""
+        key = ("sparse", name, str(device))
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is None:
+                entry = self.codecs[name]
+                parts = self.parts(name)
+                kind = entry["positions"]
+                try:
+                    pos = sparse.decode_positions(parts[kind], math.prod(entry["shape"]), entry["k"], kind).to(device)
+                except ValueError as e:
+                    raise InputError(f"{self.root}: sparse tensor {name!r} cannot be decoded ({e}); the artifact is damaged, re-download it") from None
+                hit = self._cache[key] = (pos, parts["values"].to(device))
+                while len(self._cache) > CACHED_TENSORS:
+                    self._cache.popitem(last=False)
+            else:
+                self._cache.move_to_end(key)
+        return hit
+
+    def sparse_delta(self, name: str, start: int, count: int, base: torch.Tensor) -> torch.Tensor:
+        """Elements [start, start+count) of a sparse tensor's delta against `base` (that block of the
+        base, float32): the stored output rebuilt on the base, minus the base. A new float32 tensor."""
+        pos, values = self._sparse(name, base.device)
+        lo, hi = (int(x) for x in torch.searchsorted(pos, torch.tensor([start, start + count], device=pos.device)))
+        dtype = DTYPES[self.codecs[name]["dtype"]]
+        out = sparse.rebuild(base.to(dtype), pos[lo:hi] - start, values[lo:hi])
+        return out.to(torch.float32).sub_(base.reshape(-1))
 
     def parts(self, name: str) -> dict[str, torch.Tensor]:
         with self._maps_lock:
@@ -164,9 +203,13 @@ class ArtifactReader:
             out[sfx] = mf.tensor(key).view(self.headers[shard].tensors[key].shape)
         return out
 
-    def decode(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The dense float32 delta of one compressed tensor."""
+    def decode(self, name: str, device: torch.device | str = "cpu", base: torch.Tensor | None = None) -> torch.Tensor:
+        """The dense float32 delta of one compressed tensor (a sparse one needs its `base`, float32)."""
         entry = self.codecs[name]
+        if entry["codec"] == "sparse":
+            if base is None:
+                raise ValueError(f"sparse tensor {name!r} decodes against its base; pass base=")
+            return self.sparse_delta(name, 0, math.prod(entry["shape"]), base.to(device).reshape(-1)).view(tuple(entry["shape"]))
         params = {k: v for k, v in entry.items() if k in CODEC_PARAMS[entry["codec"]]}
         parts = {k: v.to(device) for k, v in self.parts(name).items()}
         try:

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from weightx.pipeline.plan import Plan
 
 # The values the Hub accepts for base_model_relation (model-card spec, "Specifying a base model":
-# https://huggingface.co/docs/hub/model-cards#specifying-a-base-model). weightx never writes "adapter".
+# https://huggingface.co/docs/hub/model-cards#specifying-a-base-model). "adapter": a format: lora output.
 RELATIONS = ("adapter", "merge", "quantized", "finetune")
 MARKER = "<!-- weightx:card - generated from weightx.json; `weightx push` regenerates it. Delete this line to keep your own edits. -->"
 WEIGHTX_URL = "https://github.com/weightx/weightx"
@@ -110,6 +110,8 @@ def relation(record: dict) -> str | None:
         return None
     compressed = bool(((record.get("delta") or {}).get("tensors"))) or bool(
         COMPRESSING & {op for op, _ in _edit_ops(record.get("recipe") or {})})
+    if ((record.get("output") or {}).get("format")) == "lora":
+        return "adapter"
     if is_delta(record) and compressed:
         return "quantized"
     return "merge" if len(bases) > 1 else "finetune"
@@ -161,7 +163,9 @@ def summary(record: dict) -> str:
         w = d.get("weight", 1.0)
         weight = (f" with weight {w:g}" if isinstance(w, (int, float)) and w != 1.0 else
                   f" with weight {w}" if not isinstance(w, (int, float)) else "")  # a gradient or filters, as written
-        parts.append(f"{what} from {_label(record, recipe.get('base', '?'))} through {_label(record, d.get('model', '?'))}{weight}")
+        own = d.get("base")
+        onto = f", added to {_label(record, recipe.get('base', '?'))}" if own and own != recipe.get("base") else ""
+        parts.append(f"{what} from {_label(record, own or recipe.get('base', '?'))} through {_label(record, d.get('model', '?'))}{weight}{onto}")
     text = "; ".join(parts) or "No edits"
     comb, params = _combine(recipe)
     if len(deltas) > 1 or comb != "sum":
@@ -291,7 +295,7 @@ def card_data(record: dict, *, repo_id: str | None = None):
     return ModelCardData(
         base_model=bases or None,
         # A delta artifact is not loadable by transformers on its own, so it does not claim the library.
-        library_name=None if is_delta(record) else "transformers",
+        library_name=None if is_delta(record) else "peft" if (record.get("output") or {}).get("format") == "lora" else "transformers",
         tags=["weightx", *methods(record)] + (["weightx-delta"] if is_delta(record) else []),
         model_name=title_of(record, repo_id) if results else None,
         eval_results=results or None,
@@ -318,6 +322,8 @@ def _inputs_section(record: dict) -> list[str]:
         roles[recipe["base"]] = "base"
     for i, d in enumerate(recipe.get("deltas") or []):
         roles.setdefault(d.get("model"), f"delta {i + 1}")
+        if d.get("base"):
+            roles.setdefault(d["base"], f"base of delta {i + 1}")
     lines = ["## Inputs", "", "| alias | role | source | revision |", "|---|---|---|---|"]
     for alias, src in inputs.items():
         source, rev = _source_cell(src)

@@ -11,7 +11,6 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from weightx.edits import COMPRESSING
 from weightx.edits.base import CodecEdit, Prepass
 from weightx.errors import InputError
 from weightx.io.artifact import base_mismatch
@@ -19,6 +18,7 @@ from weightx.io.safetensors import OutTensor
 from weightx.io.sources import Source
 from weightx.pipeline.distill import plan_distill
 from weightx.pipeline.plan import Plan, TensorPlan, human_bytes
+from weightx.pipeline.sparse_output import plan_sparse, render_sparse
 from weightx.recipe.model import Recipe
 
 BF16_BYTES = 2
@@ -67,18 +67,20 @@ def plan_compression(recipe: Recipe, sources: dict[str, Source], tensors: list[T
         art = src.artifact
         if art is None:
             continue
-        if alias == recipe.base:
+        if alias == recipe.base or any(d.base == alias for d in recipe.deltas):
             problems.append(f"'{alias}' is a weightx delta artifact, which cannot be a base; use the model it was made"
                             f" against as base and list '{alias}' under deltas to reconstruct it")
         elif alias in delta_aliases:
-            why = base_mismatch(alias, art, recipe.base, sources[recipe.base])
-            if why:
-                raise InputError(why)
+            against = {recipe.delta_base(i) for i, d in enumerate(recipe.deltas) if d.model == alias}
+            for b in sorted(against):
+                why = base_mismatch(alias, art, b, sources[b])
+                if why:
+                    raise InputError(why)
             counts: dict[str, int] = {}
             for e in art.codecs.values():
                 counts[e["codec"]] = counts.get(e["codec"], 0) + 1
             what = ", ".join(f"{op} on {n} tensors" for op, n in counts.items()) or "no compressed tensors"
-            notes.append(f"'{alias}' is a weightx delta artifact ({what}); base '{recipe.base}' must be the model it"
+            notes.append(f"'{alias}' is a weightx delta artifact ({what}); base '{', '.join(sorted(against))}' must be the model it"
                          " was made against: shard names and sizes match, sha256 is compared as the run hashes it")
 
     edits = [e for d in recipe.deltas for e in d.edits]
@@ -95,9 +97,10 @@ def plan_compression(recipe: Recipe, sources: dict[str, Source], tensors: list[T
 
     if recipe.output.format != "delta":
         return result
-    if not compressing:
-        problems.append(f"output.format: delta needs a compressing edit ({' or '.join(sorted(COMPRESSING))}) in"
-                        " deltas.0.edits; or use format: dense")
+    if not compressing:  # sparse edits, stored as changed positions and values
+        more, sparse_notes, result.tensors = plan_sparse(recipe, list(tensors))
+        problems += more
+        notes += sparse_notes
         return result
     if len(recipe.deltas) != 1:
         problems.append(f"output.format: delta stores one compressed delta, but the recipe has {len(recipe.deltas)};"
@@ -137,14 +140,15 @@ def plan_compression(recipe: Recipe, sources: dict[str, Source], tensors: list[T
 
 def compression_summary(plan: Plan) -> dict:
     """Sizes from the plan alone: compressed tensors against their bf16 delta, and the whole artifact."""
-    comp = [t for t in plan.tensors if t.codec is not None]
+    comp = [t for t in plan.tensors if t.parts is not None]  # a codec's parts, or a sparse tensor's
     comp_params = sum(t.numel for t in comp)
     comp_bytes = sum(o.nbytes for t in comp for o in t.parts)
     whole_bytes = sum(o.nbytes for t in plan.tensors if t.codec is None for o in t.outs)
     dense_bf16 = plan.parameter_count * BF16_BYTES
     by_op: dict[str, int] = {}
     for t in comp:
-        by_op[t.codec.op] = by_op.get(t.codec.op, 0) + 1
+        op = t.codec.op if t.codec is not None else "sparse"
+        by_op[op] = by_op.get(op, 0) + 1
     return {
         "compressed_tensors": len(comp),
         "compressed_parameters": comp_params,
@@ -161,8 +165,8 @@ def compression_summary(plan: Plan) -> dict:
 
 
 def render_compression(plan: Plan) -> list[str]:
-    if plan.recipe.output.format != "delta":
-        return []
+    if plan.recipe.output.format != "delta" or not any(t.codec is not None for t in plan.tensors):
+        return render_sparse(plan)
     s = compression_summary(plan)
     ops = ", ".join(f"{op} on {n}" for op, n in s["ops"].items())
     return [

@@ -144,7 +144,8 @@ class TensorComputer:
         # Per cached streamed tensor (see PASS_CACHE_BYTES): block start → [θ_i − base].
         self._cache: dict[str, dict[int, list[torch.Tensor]]] = {}
         self._arena: torch.Tensor | None = None  # the cache's storage, reused tensor after tensor
-        self._delta_index = {id(src): i for i, (_, src) in enumerate(plan.deltas)}
+        # Per delta: its own base when it is not the recipe's (a transplant), else None.
+        self._own_base = [b if b is not plan.base else None for b in plan.delta_bases]
         self.inputs = inputs
         self.device = device
         self.block = block
@@ -167,23 +168,30 @@ class TensorComputer:
         # copy=True: a float32 input must never be modified in place through its mapping.
         return x.to(torch.float32, copy=True)
 
-    def delta(self, src: Source, t: TensorPlan, start: int, count: int, base: torch.Tensor | None, copy: bool = True,
+    def delta(self, i: int, t: TensorPlan, start: int, count: int, base: torch.Tensor | None, copy: bool = True,
               out: torch.Tensor | None = None) -> torch.Tensor:
-        """θ_i − base. A delta artifact hands over its decoded delta directly: no (base + δ̂) − base round trip."""
+        """Delta i: θ_i − its base (the recipe's `base` block, or the delta's own base for a transplant).
+        A delta artifact hands over its decoded delta directly: no (base + δ̂) − base round trip."""
         cached = self._cache.get(t.name, {}).get(start)
         if cached is not None:
-            d = cached[self._delta_index[id(src)]]
+            d = cached[i]
             return d.clone() if copy else d  # `copy=False`: the caller only reads it
-        if src.artifact is not None and src.artifact.is_compressed(t.name):
+        src = self.plan.deltas[i][1]
+        if src.artifact is not None and src.artifact.is_compressed(t.name) and not src.artifact.is_sparse(t.name):
             d = src.artifact.decoded(t.name, start, count, self.device)
             return d if out is None else out.copy_(d)
-        if base is None:
+        own = self._own_base[i]
+        if own is not None:
+            base = self.load(own, t, start, count)
+        elif base is None:
             base = self.load(self.plan.base, t, start, count)
+        if src.artifact is not None and src.artifact.is_sparse(t.name):  # stored output values: rebuilt on the base
+            d = src.artifact.sparse_delta(t.name, start, count, base)
+            return d if out is None else out.copy_(d)
         return self.load(src, t, start, count, out=out).sub_(base)
 
     def _mapped(self, t: TensorPlan) -> list[tuple[MappedFile, TensorInfo]]:
-        srcs = [self.plan.config_source] if not t.edit else [self.plan.base] + [s for _, s in self.plan.deltas]
-        return [self.inputs.get(src, t.name) for src in srcs if src.artifact is None or not src.artifact.is_compressed(t.name)]
+        return [self.inputs.get(src, t.name) for src in self.plan.reads(t) if src.artifact is None or not src.artifact.is_compressed(t.name)]
 
     def reading(self, t: TensorPlan) -> None:
         """Tell the run's input hashes how far the reads of tensor t go (waiting if they lag far behind)."""
@@ -218,7 +226,7 @@ class TensorComputer:
     def _edited(self, t: TensorPlan, states: dict, start: int, count: int, base: torch.Tensor | None, i: int, upto: int,
                 copy: bool = True) -> torch.Tensor:
         """Delta i of a block, after its first `upto` edits (`copy=False`: the caller only reads it)."""
-        d = self.delta(self.plan.deltas[i][1], t, start, count, base, copy=copy or upto > 0)
+        d = self.delta(i, t, start, count, base, copy=copy or upto > 0)
         for j, edit in enumerate(t.edits[i][:upto]):
             d = edit.apply(d, self.context(t, i, j, start, states.get((i, j))))
         return d
@@ -235,7 +243,7 @@ class TensorComputer:
         (`encoded_parts`) walks the same steps itself because it also reports the raw delta's norm."""
         n = t.numel
         base = self.load(self.plan.base, t, 0, n)
-        d = self.delta(self.plan.deltas[i][1], t, 0, n, base).view(t.shape)
+        d = self.delta(i, t, 0, n, base).view(t.shape)
         del base
         for j, edit in enumerate(t.edits[i] if upto is None else t.edits[i][:upto]):
             d = edit.apply(d, self.context(t, i, j))
@@ -248,7 +256,7 @@ class TensorComputer:
         codec's relative error (from its closed-form diagnostics when it gives them)."""
         (spec, _), = self.plan.deltas
         last = len(t.edits[0]) - 1
-        raw = self.delta(self.plan.deltas[0][1], t, 0, t.numel, self.load(self.plan.base, t, 0, t.numel)).view(t.shape)
+        raw = self.delta(0, t, 0, t.numel, self.load(self.plan.base, t, 0, t.numel)).view(t.shape)
         before = float(torch.linalg.vector_norm(raw)) if stats is not None else 0.0
         d = raw
         for j, edit in enumerate(t.edits[0][:last]):
@@ -295,7 +303,8 @@ class TensorComputer:
         n, i, value = found
         plan = self.plan
         culprits = []
-        for alias, src in [(plan.recipe.base, plan.base)] + [(d.model, s) for d, s in plan.deltas]:
+        aliases = dict.fromkeys([plan.recipe.base] + [a for d in plan.recipe.deltas for a in (d.model, d.base) if a])
+        for alias, src in [(a, plan.sources[a]) for a in aliases]:
             if src.artifact is not None and src.artifact.is_compressed(t.name):
                 continue
             bad = _first_bad(self.load(src, t, start, count))
@@ -377,24 +386,21 @@ class TensorComputer:
 
         def decode(start: int, count: int, readonly: bool = True) -> list[torch.Tensor]:
             base = self.load(self.plan.base, t, start, count)
-            return [self.delta(src, t, start, count, base, out=regions[i][start:start + count])
-                    for i, (_, src) in enumerate(self.plan.deltas)]
+            return [self.delta(i, t, start, count, base, out=regions[i][start:start + count])
+                    for i in range(len(self.plan.deltas))]
 
         src = _BlockSource(decode, ranges, self.pool, self.workers)
         self._cache[t.name] = dict(src.imap(lambda start, xs: (start, xs)))
 
-    def compute(self, t: TensorPlan, start: int, count: int, stats: TensorStats | None = None) -> tuple[torch.Tensor, Partial | None]:
-        """One output block (flat, output dtype, on the CPU) and its partial sums for the stats."""
-        if not t.edit:
-            mf, info = self.inputs.get(self.plan.config_source, t.name)
-            return mf.view(info, start, count), None
+    def combined(self, t: TensorPlan, start: int, count: int, part: Partial | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(base block, combined delta block) of an edited tensor, float32, flat: the formula before
+        θ_out = base + combined is rounded. `part` gets the block's squared norms."""
         streamed = self.streams(t)
         states = self.prepare(t) if streamed else {}
-        part = Partial(len(self.aliases)) if stats is not None else None
         base = self.load(self.plan.base, t, start, count)
         deltas = []
-        for i, (_, src) in enumerate(self.plan.deltas):
-            d = self.delta(src, t, start, count, base)
+        for i in range(len(self.plan.deltas)):
+            d = self.delta(i, t, start, count, base)
             if not t.elementwise and not streamed:
                 d = d.view(t.shape)
             if part is not None:
@@ -414,6 +420,27 @@ class TensorComputer:
             # One delta with weight 1 (ExPO, DARE alone) combines to itself: its norm is known.
             same = len(deltas) == 1 and combined.data_ptr() == deltas[0].data_ptr() and combined.numel() == deltas[0].numel()
             part.combined = part.after[0] if same else _sq(combined)
+        return base, combined
+
+    def combined_delta(self, t: TensorPlan, stats: TensorStats | None = None) -> torch.Tensor:
+        """The whole tensor's combined delta (θ_out − base before rounding), float32 in its shape."""
+        out = torch.empty(t.numel, dtype=torch.float32, device=self.device)
+        parts = []
+        for start, count in self.ranges(t):
+            part = Partial(len(self.aliases)) if stats is not None else None
+            out[start:start + count] = self.combined(t, start, count, part)[1]
+            parts.append(part)
+        self.finish(stats, parts)
+        self.release(t)
+        return out.view(t.shape)
+
+    def compute(self, t: TensorPlan, start: int, count: int, stats: TensorStats | None = None) -> tuple[torch.Tensor, Partial | None]:
+        """One output block (flat, output dtype, on the CPU) and its partial sums for the stats."""
+        if not t.edit:
+            mf, info = self.inputs.get(self.plan.config_source, t.name)
+            return mf.view(info, start, count), None
+        part = Partial(len(self.aliases)) if stats is not None else None
+        base, combined = self.combined(t, start, count, part)
         x = base.add_(combined)
         out_dtype = DTYPES[t.out_dtype]
         out = x.to(out_dtype)

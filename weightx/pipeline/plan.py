@@ -95,6 +95,18 @@ class Plan:
         return [(d, self.sources[d.model]) for d in self.recipe.deltas]
 
     @property
+    def delta_bases(self) -> list[Source]:
+        """What each delta is taken against: its own `base:` (a transplant), else the recipe's base."""
+        return [self.sources[self.recipe.delta_base(i)] for i in range(len(self.recipe.deltas))]
+
+    def reads(self, t: TensorPlan) -> list[Source]:
+        """The sources tensor t is computed from (each once)."""
+        if not t.edit:
+            return [self.config_source]
+        srcs = [self.base] + [s for _, s in self.deltas] + self.delta_bases
+        return list({id(s): s for s in srcs}.values())
+
+    @property
     def total_size(self) -> int:
         return sum(s.nbytes for s in self.shards)
 

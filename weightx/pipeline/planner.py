@@ -16,7 +16,8 @@ from weightx.io.output import CONFIG_FILES
 from weightx.io.safetensors import DTYPE_NAMES, TORCH_DTYPES
 from weightx.io.sources import Source, resolve
 from weightx.pipeline.compression import plan_compression, render_compression
-from weightx.pipeline.plan import VOCAB_NAMES, Plan, TensorPlan, human_bytes, natural_key, split_shards
+from weightx.pipeline.lora import ADAPTER_FILE, plan_lora, render_lora
+from weightx.pipeline.plan import VOCAB_NAMES, Plan, ShardPlan, TensorPlan, human_bytes, natural_key, split_shards
 from weightx.recipe.model import Recipe
 from weightx.recipe.varying import layer_positions
 
@@ -57,7 +58,7 @@ def _inside(child: Path, parent: Path) -> bool:
 
 def resolve_sources(recipe: Recipe, recipe_dir: Path | None = None) -> dict[str, Source]:
     """Resolve every model the recipe uses; collect all failures before raising."""
-    used = {recipe.base, recipe.config_from, *(d.model for d in recipe.deltas)}
+    used = {recipe.base, recipe.config_from, *(d.model for d in recipe.deltas), *(d.base for d in recipe.deltas if d.base)}
     sources, errors = {}, []
     for alias, spec in recipe.models.items():
         if alias not in used:
@@ -101,6 +102,8 @@ def build_plan(recipe: Recipe, output: str | Path | None = None, recipe_dir: Pat
     base = sources[recipe.base]
     cfg = sources[recipe.config_from]
     deltas = [(d, sources[d.model]) for d in recipe.deltas]
+    # Transplanted deltas (`deltas.i.base`): their own bases must match names and shapes too.
+    own_bases = [(a, sources[a]) for a in dict.fromkeys(d.base for d in recipe.deltas if d.base and d.base != recipe.base)]
     forced = recipe.output.dtype
     tensors: list[TensorPlan] = []
     positions = layer_positions(cfg.weight_map) if recipe.varying else {}
@@ -110,7 +113,7 @@ def build_plan(recipe: Recipe, output: str | Path | None = None, recipe_dir: Pat
             tensors.append(TensorPlan(name, info.shape, info.dtype, edit=False))
             continue
         ok = True
-        for alias, src in [(recipe.base, base)] + [(d.model, s) for d, s in deltas]:
+        for alias, src in [(recipe.base, base)] + [(d.model, s) for d, s in deltas] + own_bases:
             if name not in src.weight_map:
                 problems.append(f"tensor {name!r} is missing from '{alias}' ({src.describe()})")
                 ok = False
@@ -155,6 +158,10 @@ def build_plan(recipe: Recipe, output: str | Path | None = None, recipe_dir: Pat
         problems += planned.problems
         notes += planned.notes
         tensors, distill_data = planned.tensors, planned.distill_data
+    if not problems and recipe.output.format == "lora":
+        more, lora_notes, tensors = plan_lora(recipe, model_type(cfg), tensors)
+        problems += more
+        notes += lora_notes
     for alias, src in sources.items():
         extra = [n for n in src.weight_map if n not in cfg.weight_map]
         if extra and alias != recipe.config_from:
@@ -172,8 +179,20 @@ def build_plan(recipe: Recipe, output: str | Path | None = None, recipe_dir: Pat
         problems += [why for why in dict.fromkeys(found) if why]
     if problems:
         raise PlanError(problems)
-    return Plan(recipe, sources, out_path, tuple(tensors), tuple(split_shards(tensors, recipe.output.shard_bytes)), tuple(notes),
-                distill_data, recipe_dir)
+    shards = ((ShardPlan(ADAPTER_FILE, tuple(tensors)),) if recipe.output.format == "lora"
+              else tuple(split_shards(tensors, recipe.output.shard_bytes)))
+    return Plan(recipe, sources, out_path, tuple(tensors), shards, tuple(notes), distill_data, recipe_dir)
+
+
+def model_type(src: Source) -> str | None:
+    """config.json's model_type of a source, or None (no config, or not readable)."""
+    if not src.has_config or config_problem(src.root) is not None:
+        return None
+    try:
+        doc = json.loads(read_regular(src.root / "config.json").decode("utf-8"))
+    except (InputError, OSError, ValueError):
+        return None
+    return doc.get("model_type") if isinstance(doc.get("model_type"), str) else None
 
 
 def _resolved_values(plan: Plan, label: str) -> list[float]:
@@ -198,7 +217,8 @@ def render_plan(plan: Plan) -> str:
     r = plan.recipe
     lines = [f"plan for {r.name or plan.out_path.name}", "inputs:"]
     for alias, src in plan.sources.items():
-        role = "base" if alias == r.base else ("delta" if any(d.model == alias for d in r.deltas) else "config")
+        role = ("base" if alias == r.base else "delta" if any(d.model == alias for d in r.deltas)
+                else "base·δ" if any(d.base == alias for d in r.deltas) else "config")
         n = len(src.weight_map)
         lines.append(f"  {alias:<12} {role:<6} {src.describe()}  ({n} tensors, {human_bytes(src.total_bytes)})")
     lines.append("deltas:")
@@ -207,7 +227,8 @@ def render_plan(plan: Plan) -> str:
     for i, (d, c) in enumerate(zip(r.deltas, counts)):
         edits = ", ".join(f"{e.describe()} on {c[e.op]} tensors" for e in d.edits) or "no edits"
         mark = "  (first value shown; it varies by tensor, see below)" if str(i) in varied else ""
-        lines.append(f"  {d.model} − {r.base}  weight {d.weight:g}: {edits}{mark}")
+        onto = f" (onto {r.base})" if d.base and d.base != r.base else ""
+        lines.append(f"  {d.model} − {d.base or r.base}{onto}  weight {d.weight:g}: {edits}{mark}")
     mark = "  (first value shown; it varies by tensor, see below)" if "combine" in varied else ""
     lines.append(f"combine: {r.combine.describe()}{mark}")
     for p in r.varying:
@@ -221,6 +242,6 @@ def render_plan(plan: Plan) -> str:
         f" {len(plan.tensors) - edited} copied), {plan.parameter_count:,} parameters, {', '.join(dtypes)}"
     )
     lines.append(f"        {human_bytes(plan.total_size)} in {len(plan.shards)} shard(s) of ≤ {human_bytes(r.output.shard_bytes)}")
-    lines += [f"        {line}" for line in render_compression(plan)]
+    lines += [f"        {line}" for line in render_compression(plan) + render_lora(plan)]
     lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(lines)

@@ -73,10 +73,12 @@ def write_record(plan: Plan, tmp: Path, stats: dict[str, TensorStats], hashes: d
     r = plan.recipe
     out_dtypes = {t.out_dtype for t in plan.tensors if t.edit}
     cfg_dtype = dtype_name(next(iter(out_dtypes))) if len(out_dtypes) == 1 else None
-    if plan.config_source.has_config:
+    lora = r.output.format == "lora"  # a PEFT folder: no model config or index (transformers would take it for a model)
+    if plan.config_source.has_config and not lora:
         copy_config(plan.config_source.root, tmp, cfg_dtype)
-    weight_map = {o.name: s.filename for s in plan.shards for t in s.tensors for o in t.outs}
-    write_json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": plan.total_size}, "weight_map": dict(sorted(weight_map.items()))})
+    if not lora:
+        weight_map = {o.name: s.filename for s in plan.shards for t in s.tensors for o in t.outs}
+        write_json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": plan.total_size}, "weight_map": dict(sorted(weight_map.items()))})
     recipe_form = r.recipe_form()
     recipe_form.setdefault("output", {})["path"] = str(plan.out_path)
     doc = {
@@ -88,7 +90,7 @@ def write_record(plan: Plan, tmp: Path, stats: dict[str, TensorStats], hashes: d
         "output": {
             "format": r.output.format,
             "dtype": cfg_dtype or sorted(dtype_name(c) for c in out_dtypes),
-            "total_size": plan.total_size,
+            "total_size": plan.total_size if not lora else sum((tmp / s.filename).stat().st_size for s in plan.shards),
             "shards": [{"file": s.filename, "size": (tmp / s.filename).stat().st_size, "tensors": len(s.tensors)} for s in plan.shards],
             "tensor_count": len(plan.tensors),
             "parameter_count": plan.parameter_count,
@@ -111,23 +113,27 @@ def delta_record(plan: Plan, inputs: dict, stats: dict[str, TensorStats], state:
     base["alias"] = r.base
     tensors = {}
     for t in plan.tensors:
-        if t.codec is None:
-            continue
-        entry = {**t.codec.codec_params(t.shape, state.entry(t.codec, t.name)), "shape": list(t.shape), "dtype": t.out_dtype}
         st = stats.get(t.name)
+        if t.codec is not None:
+            params = t.codec.codec_params(t.shape, state.entry(t.codec, t.name))
+        elif t.parts is not None and st is not None and st.extra.get("codec") == "sparse":
+            params = {}  # codec, k and positions are in the stats (the run counted them)
+        else:
+            continue
+        entry = {**params, "shape": list(t.shape), "dtype": t.out_dtype}
         if st is not None:
             entry.update(st.extra)
         tensors[t.name] = entry
-    return {"encoding": ENCODING, "version": VERSION, "model": r.deltas[0].model, "base": base,
+    return {"encoding": ENCODING, "version": VERSION, "model": r.deltas[0].model if len(r.deltas) == 1 else None, "base": base,
             "sizes": compression_summary(plan), "tensors": tensors}
 
 
 def verify_bases(plan: Plan, hashes: dict[str, str]) -> None:
     """After the run's hashing: refuse (InputError, one line) a base that differs from an artifact's."""
-    base = plan.sources[plan.recipe.base]
-    for d in plan.recipe.deltas:
+    for i, d in enumerate(plan.recipe.deltas):
         art = plan.sources[d.model].artifact
         if art is not None:
-            why = base_mismatch(d.model, art, plan.recipe.base, base, hashes)
+            against = plan.recipe.delta_base(i)
+            why = base_mismatch(d.model, art, against, plan.sources[against], hashes)
             if why:
                 raise InputError(why)

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from weightx.errors import InputError, RankFailed, WeightxError
+from weightx.errors import InputError, RankFailed, UsageError, WeightxError
 from weightx.io.output import discard, finalize, keep_beside, write_failed, write_json
 from weightx.io.provenance import Hasher, Pacer
 from weightx.pipeline.card import render_card
@@ -28,6 +28,8 @@ from weightx.pipeline.compute import TensorStats, pick_device
 from weightx.pipeline.distill import distill_plan
 from weightx.pipeline.distributed import Dist, assign, detect
 from weightx.pipeline.engine import write_shards
+from weightx.pipeline.lora import ADAPTER_FILE, write_lora
+from weightx.pipeline.sparse_output import is_sparse, write_sparse
 from weightx.pipeline.global_ternary import prepare as global_statistics
 from weightx.pipeline.global_ties import prepare as global_ties
 from weightx.pipeline.plan import Plan
@@ -72,8 +74,7 @@ def _input_files(plan: Plan, shards: list) -> set[Path]:
     files = set()
     for shard in shards:
         for t in shard.tensors:
-            srcs = [plan.base] + [s for _, s in plan.deltas] if t.edit else [plan.config_source]
-            for src in srcs:
+            for src in plan.reads(t):
                 if src.kind != "hub" and t.name in src.weight_map:
                     files.add(src.headers[src.weight_map[t.name]].path)
     return files
@@ -118,6 +119,9 @@ def execute(plan: Plan, *, device: str = "auto", overwrite: bool = False, progre
     (`result.extra["rejected"]`); with no previous output it becomes the output, marked as it is."""
     t0 = time.perf_counter()
     ranks = detect()
+    if ranks.active and (plan.recipe.output.format == "lora" or is_sparse(plan.recipe)):
+        raise UsageError(f"output.format: {plan.recipe.output.format} of {'a LoRA adapter' if plan.recipe.output.format == 'lora' else 'sparse edits'}"
+                         " is written by one process; run it without torchrun")
     dev = pick_device(device)
     if dev.type == "cuda" and ranks.active and dev.index is None:
         dev = torch.device(f"cuda:{ranks.local_rank % max(1, torch.cuda.device_count())}")
@@ -144,6 +148,7 @@ def execute(plan: Plan, *, device: str = "auto", overwrite: bool = False, progre
     error: BaseException | None = None
     stats: dict[str, TensorStats] = {}
     hashes: dict[str, str] = {}
+    written_here: dict[str, dict] = {}
     try:
         _distill(plan, dev, ranks, state, log if ranks.is_main else lambda m: None)  # before any writing
         # The bar starts with the stream: over the distillation it would show a stalled ETA.
@@ -153,8 +158,15 @@ def execute(plan: Plan, *, device: str = "auto", overwrite: bool = False, progre
         if ranks.is_main:
             _preload("huggingface_hub.repocard")  # the card needs it at the end; import while streaming
         try:
-            stats = write_shards(plan, tmp, dev, update, shards=[s for s in mine if s.filename not in adopted], on_shard=resume.add,
-                                 run=state, pacer=pacer)
+            if plan.recipe.output.format == "lora":  # one adapter file, its ranks known only after each SVD
+                stats, facts = write_lora(plan, tmp, dev, state)
+                state.records["lora"] = [{k: v for k, v in facts.items() if k not in ("sha256", "size")}]
+                written_here = {ADAPTER_FILE: {"sha256": facts["sha256"], "size": facts["size"]}}
+            elif is_sparse(plan.recipe):  # the shard layout follows the counts of changed entries
+                plan, stats, written_here = write_sparse(plan, tmp, dev, state, update)
+            else:
+                stats = write_shards(plan, tmp, dev, update, shards=[s for s in mine if s.filename not in adopted], on_shard=resume.add,
+                                     run=state, pacer=pacer)
         finally:
             pacer.release()  # what is left to hash (files of resumed shards) goes at full speed
         stats.update(resume.stats({s.filename for s in mine} & set(adopted)))
@@ -177,7 +189,7 @@ def execute(plan: Plan, *, device: str = "auto", overwrite: bool = False, progre
             if error is not None:
                 raise _user_error(error, plan.out_path, tmp)
             raise RankFailed("another rank failed; nothing was written (see its error above)")
-        parts = ranks.gather((stats, hashes, resume.shards))
+        parts = ranks.gather((stats, hashes, written_here if plan.recipe.output.format == "lora" or is_sparse(plan.recipe) else resume.shards))
         if ranks.is_main:
             all_stats = {k: v for st, _, _ in parts for k, v in st.items()}
             all_hashes = {k: v for _, hs, _ in parts for k, v in hs.items()}

@@ -82,6 +82,9 @@ class _Strict(BaseModel):
 
 class DeltaSpec(_Strict):
     model: str
+    # This delta's own base (transplant, Chat Vector): the delta is θ_model − θ_base and is added to
+    # the recipe's base. None: the recipe's base.
+    base: str | None = None
     weight: float = 1.0
     edits: list[Edit] = Field(default_factory=list)  # type: ignore[valid-type]
 
@@ -113,7 +116,17 @@ def parse_size(value: int | str) -> int:
 
 class OutputSpec(_Strict):
     path: str | None = None
-    format: Literal["dense", "delta"] = "dense"
+    format: Literal["dense", "delta", "lora"] = "dense"
+    # format: lora: a fixed rank per matrix, or the smallest rank keeping `energy` of the delta's
+    # squared singular values (Σ s²), capped by `max_rank`.
+    rank: int | None = Field(None, gt=0)
+    energy: float | None = Field(None, gt=0.0, le=1.0)
+    max_rank: int | None = Field(None, gt=0)
+    # format: lora: `exact` SVD, `randomized` (a seeded sketch; rank only), or `auto` (randomized for a
+    # fixed rank on matrices whose smaller side is ≥ 1024, where it is much faster; else exact).
+    svd: Literal["auto", "exact", "randomized"] = "auto"
+    # format: lora: embeddings (and lm_head) saved whole (`modules_to_save`) or factored too (`lora`).
+    embeddings: Literal["modules_to_save", "lora"] = "modules_to_save"
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     shard_size: int | str = "5GB"
     config_from: str | None = None
@@ -138,6 +151,21 @@ class OutputSpec(_Strict):
     @property
     def shard_bytes(self) -> int:
         return parse_size(self.shard_size)
+
+    @model_validator(mode="after")
+    def _lora(self) -> "OutputSpec":
+        given = [k for k in ("rank", "energy", "max_rank") if getattr(self, k) is not None]
+        given += [k for k in ("svd", "embeddings") if getattr(self, k) != type(self).model_fields[k].default]
+        if self.format != "lora" and given:
+            raise ValueError(f"{', '.join(given)} only apply to format: lora; set format: lora or remove them")
+        if self.format == "lora":
+            if (self.rank is None) == (self.energy is None):
+                raise ValueError("format: lora takes either rank (e.g. rank: 64) or energy (e.g. energy: 0.9, with max_rank)")
+            if self.rank is not None and self.max_rank is not None:
+                raise ValueError("max_rank caps an energy-chosen rank; with a fixed rank, remove max_rank")
+            if self.svd == "randomized" and self.energy is not None:
+                raise ValueError("svd: randomized needs a fixed rank (energy needs every singular value); use svd: exact")
+        return self
 
 
 class ValidateSpec(_Strict):
@@ -305,11 +333,16 @@ class Recipe(_Strict):
     def config_from(self) -> str:
         return self.output.config_from or self.deltas[-1].model
 
+    def delta_base(self, i: int) -> str:
+        """The alias delta i is taken against: its own `base:`, else the recipe's."""
+        return self.deltas[i].base or self.base
+
     def recipe_form(self) -> dict:
         """The recipe as YAML-ready data, defaults filled in (what `weightx.json` records)."""
         data = self.model_dump(by_alias=True, exclude_none=True, exclude={"deltas", "combine"})
         data["deltas"] = [
-            {"model": d.model, "weight": d.weight, "edits": [e.recipe_form() for e in d.edits]}
+            {"model": d.model, **({"base": d.base} if d.base is not None else {}), "weight": d.weight,
+             "edits": [e.recipe_form() for e in d.edits]}
             for d in self.deltas
         ]
         data["combine"] = self.combine.recipe_form()
@@ -349,8 +382,13 @@ def reference_problems(data: Any) -> list[tuple[str, str]]:
     for i, d in enumerate(deltas if isinstance(deltas, list) else []):
         if isinstance(d, dict):
             check(f"deltas.{i}.model", d.get("model"))
-            if d.get("model") is not None and d.get("model") == data.get("base"):
-                problems.append((f"deltas.{i}.model", f"'{d['model']}' is the base: its delta is zero"))
+            own = d.get("base")
+            if own is not None:
+                check(f"deltas.{i}.base", own)
+            against = own if own is not None else data.get("base")
+            if d.get("model") is not None and d.get("model") == against:
+                where = f"deltas.{i}.base" if own is not None else "the base"
+                problems.append((f"deltas.{i}.model", f"'{d['model']}' is {where}: its delta is zero"))
     output = data.get("output")
     if isinstance(output, dict):
         check("output.config_from", output.get("config_from"))

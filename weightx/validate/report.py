@@ -212,6 +212,9 @@ def run_recipe_sweep(
 
 
 def _model_dir(spec: str, what: str) -> Path:
+    folder = Path(spec).expanduser()
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").exists():
+        return folder.resolve()  # a LoRA adapter (format: lora): evaluated on its base, merged
     src = resolve(what, spec)
     if src.kind == "file" or not src.has_config:
         raise InputError(f"{spec}: lm-eval needs a model folder with config.json and a tokenizer, not just weights")

@@ -89,6 +89,8 @@ def load_model(path: str | Path, settings: EvalSettings) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        return load_adapter(path, settings)
     if not (path / "config.json").is_file():
         raise InputError(f"cannot evaluate {path}: it has no config.json (set output.config_from to a model that has its config and tokenizer)")
     if is_delta_artifact(path):
@@ -110,6 +112,29 @@ def load_model(path: str | Path, settings: EvalSettings) -> tuple[Any, Any]:
         raise InputError(f"cannot evaluate {path}: {len(missing)} weight(s) the model needs are not in its files (e.g."
                          f" {missing[0]}), so they would be random; evaluate a complete checkpoint")
     return model.to(torch_device(settings)).eval(), tokenizer
+
+
+def load_adapter(path: Path, settings: EvalSettings) -> tuple[Any, Any]:
+    """A PEFT LoRA folder (`output.format: lora`): its base with the adapter merged in, and the base's tokenizer."""
+    try:
+        doc = json.loads(read_regular(path / "adapter_config.json", 1 << 20).decode("utf-8"))
+        base = doc["base_model_name_or_path"]
+        if not isinstance(base, str):
+            raise ValueError("base_model_name_or_path is not text")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"cannot evaluate {path}: adapter_config.json has no readable base_model_name_or_path ({e});"
+                         " fix it to name the base model") from None
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise InputError(f"cannot evaluate {path}: it is a LoRA adapter and peft is not installed; pip install peft") from None
+    model, tokenizer = load_model(base, settings)
+    try:
+        with quiet_stderr():
+            model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise InputError(f"cannot evaluate {path}: peft cannot apply the adapter to {base} ({' '.join(str(e).split())[:200]})") from None
+    return model.eval(), tokenizer
 
 
 @contextlib.contextmanager

@@ -122,3 +122,34 @@ def test_sparse_dare_artifact_on_smollm2(smollm, tmp_path):
     assert dense_delta / art_bytes > 5
     scores = _bpb(rebuilt, compare=[dense])
     assert scores[rebuilt.name] == scores[dense.name]
+
+
+@pytest.mark.slow
+def test_transplant_diff_and_direction_on_smollm2(smollm, tmp_path):
+    """The fine-tune's delta moved onto another relative of the base (golden float64 values); `weightx
+    diff` on the real pair; and the direction hint on the text the fine-tune learned, where ExPO is
+    known to help (the ExPO test above): Σ g·δ < 0, α > 0 suggested."""
+    import numpy as np
+
+    import weightx
+    from weightx import smollm as sm
+    from weightx.diff import diff
+    from weightx.direction import direction_hint
+    from weightx.testing import load_state_dict
+
+    base, tuned = smollm
+    other = sm.finetuned_model(steps=3, seed=1)  # another model made from the same base: the new base
+    out = weightx.apply({"models": {"v1": str(base), "ft": str(tuned), "v2": str(other)}, "base": "v2",
+                         "deltas": [{"model": "ft", "base": "v1"}], "output": {"path": str(tmp_path / "moved"), "dtype": "float32",
+                                                                                "config_from": "v2"}}).path
+    got, a, b, c = (load_state_dict(p) for p in (out, base, tuned, other))
+    for name in ["model.layers.3.self_attn.q_proj.weight", "model.layers.29.mlp.down_proj.weight", "model.embed_tokens.weight"]:
+        want = c[name].double().numpy() + (b[name].double().numpy() - a[name].double().numpy())
+        np.testing.assert_allclose(got[name].double().numpy(), want, rtol=0, atol=1e-6 * np.abs(want).max())
+    doc = diff([str(base), str(tuned), str(other)])
+    pair = next(iter(doc["total"]["pairs"].values()))
+    assert 0 < doc["total"]["deltas"][tuned.name]["relative_norm"] < 0.1 and pair["cosine"] is not None
+    (res,) = direction_hint(str(base), [str(tuned)], sm.TEXT, device="cpu")
+    print(f"smollm2 direction on the fine-tune's text: Σ g·δ = {res['g_dot_delta']:.4g} ({res['tokens']} tokens),"
+          f" cosine(ft, other) = {pair['cosine']:.3f}")
+    assert res["g_dot_delta"] < 0 and res["suggested_alpha_sign"] == "+"

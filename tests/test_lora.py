@@ -220,3 +220,22 @@ def test_lora_embeddings_factored_when_asked(family, tmp_path):
     s = np.linalg.svd(d, compute_uv=False)
     err = np.linalg.norm(d.T - eb @ ea) / np.linalg.norm(d)
     assert err == pytest.approx(np.sqrt((s[6:] ** 2).sum() / (s ** 2).sum()), rel=1e-4)
+
+
+@pytest.mark.slow
+def test_lora_on_a_hub_base_names_it_and_evaluates(family, tmp_path):
+    """adapter_config.json names a Hub base by its id (portable); `weightx eval` finds it in the cache."""
+    from weightx.testing import make_hf_cache
+
+    cache = tmp_path / "hf-cache"
+    make_hf_cache(cache, "tiny-org/tiny-sft", family["sft"])
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "hf-home")}
+    r = lora_recipe(family, tmp_path / "hub-lora", rank=4)
+    r["models"]["sft"] = "tiny-org/tiny-sft"
+    proc = run_cli("apply", str(write_recipe(tmp_path / "h.yaml", r)), env=env)
+    assert proc.returncode == 0, proc.stderr
+    cfg = json.loads((tmp_path / "hub-lora" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "tiny-org/tiny-sft" and len(cfg["revision"]) == 40
+    proc = run_cli("eval", str(tmp_path / "hub-lora"), "--tasks", "weightx_ppl", "--limit", "2", env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "bits_per_byte" in proc.stdout

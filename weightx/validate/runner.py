@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from weightx.io.files import read_regular
+from weightx.io.sources import resolve
 from weightx.errors import InputError
 from weightx.pipeline.compute import pick_device
 from weightx.recipe.model import ValidateSpec
@@ -128,6 +129,8 @@ def load_adapter(path: Path, settings: EvalSettings) -> tuple[Any, Any]:
         from peft import PeftModel
     except ImportError:
         raise InputError(f"cannot evaluate {path}: it is a LoRA adapter and peft is not installed; pip install peft") from None
+    if not Path(base).expanduser().is_dir():  # a Hub id (org/name): its snapshot in the local cache
+        base = str(resolve("base", base).root)
     model, tokenizer = load_model(base, settings)
     try:
         with quiet_stderr():

@@ -122,3 +122,43 @@ def test_elias_fano_refuses_corrupt_input():
     bad[0] = 0
     with pytest.raises(ValueError, match="corrupt"):
         ef_decode(bad, 16, 3)
+
+
+def test_elias_fano_chunked_encoding_equals_the_plain_layout():
+    """Over a million positions the encoder works in chunks; its bytes equal a plain numpy encoding of
+    the same layout (unary high part, then each position's low bits, LSB first)."""
+    import math
+
+    import numpy as np
+
+    from weightx.formats.packing import EF_CHUNK, ef_encode
+
+    rng = np.random.default_rng(0)
+    n, k = 40_000_000, EF_CHUNK + 12_345
+    pos = np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64)
+    low = int(math.floor(math.log2(n / k)))
+    high = np.zeros(k + ((n - 1) >> low), dtype=bool)
+    high[(pos >> low) + np.arange(k)] = True
+    lows = ((pos[:, None] >> np.arange(low)) & 1).astype(bool).reshape(-1)
+    want = np.concatenate([np.packbits(high, bitorder="little"), np.packbits(lows, bitorder="little")])
+    for dtype in (torch.int64, torch.int32):
+        got = ef_encode(torch.from_numpy(pos).to(dtype), n)
+        assert np.array_equal(got.numpy(), want)
+
+
+def test_positions_from_a_bitmap_encode_like_the_positions():
+    """The sparse writer keeps changed positions as a bitmap and encodes from it in chunks: the same bytes
+    as encoding the positions themselves, across chunk and slice boundaries."""
+    import numpy as np
+
+    from weightx.formats.packing import EF_CHUNK, ef_encode, pack_bits
+    from weightx.formats.sparse import mask_positions, mask_to_index
+
+    rng = np.random.default_rng(1)
+    n = 9_000_003
+    bits = torch.from_numpy(rng.random(n) < 0.3)  # ~2.7M positions: several chunks
+    mask = pack_bits(bits)
+    pos = torch.nonzero(bits).reshape(-1)
+    chunks = list(mask_positions(mask, n))
+    assert all(c.numel() == EF_CHUNK for c in chunks[:-1]) and torch.equal(torch.cat(chunks), pos)
+    assert torch.equal(mask_to_index(mask, n, pos.numel()), ef_encode(pos, n))

@@ -71,6 +71,8 @@ def test_dare_09_artifact_size(family, tmp_path):
     art = weightx.apply(one_delta(family, tmp_path / "art", [{"dare": {"drop": 0.9}}])).path
     sizes = json.loads((art / "weightx.json").read_text())["delta"]["sizes"]
     assert sizes["ops"] == {"sparse": 21}  # every tensor DARE touched (all 21: matrices, embeddings, norms) is smaller sparse
+    assert sizes["whole_bytes"] == 0 and sizes["artifact_bytes"] == sizes["compressed_bytes"]
+    assert sizes["ratio"] == pytest.approx(sizes["dense_bf16_delta_bytes"] / sizes["artifact_bytes"])
     sp = sizes["compressed_bytes"] / sizes["compressed_bf16_delta_bytes"]
     # 10 % of the values (bf16) plus ≈ 2 + log2(10) bits per position: ≈ 0.1 + 0.1·5.3/16 = 0.133 of the bf16 delta
     assert 0.12 < sp < 0.145, sp

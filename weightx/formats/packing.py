@@ -16,6 +16,7 @@ there); on other devices plain torch bit operations do it in place. Both give th
 from __future__ import annotations
 
 import math
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -101,19 +102,42 @@ def ef_nbytes(n: int, k: int) -> int:
     return packed_len(_ef_high_len(n, k, low)) + packed_len(k * low)
 
 
+EF_CHUNK = 1 << 20  # positions encoded at a time: a multiple of 8, so the packed low bits concatenate exactly
+
+
 def ef_encode(positions: torch.Tensor, n: int) -> torch.Tensor:
-    """Non-decreasing int64 positions in [0, n) → uint8[ef_nbytes(n, k)]: the unary high bitmap, then the low bits."""
+    """Non-decreasing integer positions in [0, n) → uint8[ef_nbytes(n, k)]: the unary high bitmap, then the
+    low bits."""
     k = positions.numel()
+    chunks = (positions[s:s + EF_CHUNK] for s in range(0, k, EF_CHUNK))
+    return ef_encode_chunks(chunks, n, k, positions.device)
+
+
+def ef_encode_chunks(chunks: Iterable[torch.Tensor], n: int, k: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """`ef_encode` of k positions given in order as chunks of EF_CHUNK (the last may be shorter): the
+    scratch memory is one chunk's, whatever k."""
     low = ef_low_bits(n, k)
-    dev = positions.device
+    dev = torch.device(device)
     high_len = _ef_high_len(n, k, low)
     high = torch.zeros(high_len, dtype=torch.bool, device=dev)
-    if k:
-        high[(positions >> low) + torch.arange(k, device=dev)] = True
+    lows = []
+    s = 0
+    for chunk in chunks:
+        p = chunk.to(device=dev, dtype=torch.int64)
+        if s + p.numel() > k or (p.numel() != EF_CHUNK and s + p.numel() != k):
+            raise ValueError(f"ef_encode_chunks: chunks of {EF_CHUNK} positions expected, {k} in all")
+        high[(p >> low) + torch.arange(s, s + p.numel(), device=dev)] = True
+        if low:
+            bits = torch.empty(p.numel(), low, dtype=torch.bool, device=dev)
+            for j in range(low):
+                bits[:, j] = (p >> j).bitwise_and_(1).to(torch.bool)
+            lows.append(pack_bits(bits.reshape(-1)))
+        s += p.numel()
+    if s != k:
+        raise ValueError(f"ef_encode_chunks: {s} positions given, {k} expected")
     parts = [pack_bits(high)] if high_len else []
     if low:
-        lows = (positions.unsqueeze(1) >> torch.arange(low, device=dev)).bitwise_and_(1).to(torch.bool)
-        parts.append(pack_bits(lows.reshape(-1)))
+        parts.append(torch.cat(lows) if lows else torch.zeros(0, dtype=torch.uint8, device=dev))
     if not parts:
         return torch.zeros(0, dtype=torch.uint8, device=dev)
     return torch.cat(parts)

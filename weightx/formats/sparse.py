@@ -14,7 +14,9 @@ import math
 
 import torch
 
-from weightx.formats.packing import ef_decode, ef_encode, ef_nbytes, pack_bits, packed_len, unpack_bits
+from typing import Iterator
+
+from weightx.formats.packing import EF_CHUNK, ef_decode, ef_encode, ef_encode_chunks, ef_nbytes, pack_bits, packed_len, unpack_bits
 
 INT_VIEWS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -45,7 +47,7 @@ def encode_positions(pos: torch.Tensor, n: int, kind: str) -> torch.Tensor:
     if kind == "index":
         return ef_encode(pos, n)
     bits = torch.zeros(n, dtype=torch.bool, device=pos.device)
-    bits[pos] = True
+    bits[pos.to(torch.int64)] = True
     return pack_bits(bits)
 
 
@@ -62,6 +64,30 @@ def decode_positions(code: torch.Tensor, n: int, k: int, kind: str) -> torch.Ten
     return pos
 
 
+def mask_positions(mask: torch.Tensor, n: int, chunk: int = EF_CHUNK) -> Iterator[torch.Tensor]:
+    """The set positions of a packed bitmap of n bits, in order, as int64 chunks of exactly `chunk`
+    (the last may be shorter): what `ef_encode_chunks` takes, without every position in memory at once."""
+    pending: list[torch.Tensor] = []
+    have = 0
+    step = 1 << 20  # bits unpacked at a time (a multiple of 8)
+    for s in range(0, n, step):
+        c = min(step, n - s)
+        pos = torch.nonzero(unpack_bits(mask[s // 8:s // 8 + packed_len(c)], c)).reshape(-1) + s
+        pending.append(pos)
+        have += pos.numel()
+        while have >= chunk:
+            flat = torch.cat(pending)
+            yield flat[:chunk]
+            pending, have = [flat[chunk:]], have - chunk
+    if have:
+        yield torch.cat(pending)
+
+
+def mask_to_index(mask: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The Elias–Fano code of the k positions set in a packed bitmap of n bits."""
+    return ef_encode_chunks(mask_positions(mask, n), n, k, mask.device)
+
+
 def rebuild(base: torch.Tensor, pos: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """The output: `base` (already in the output dtype, flat) with `values` at `pos`; a new tensor."""
     out = base.reshape(-1).clone()
@@ -69,4 +95,5 @@ def rebuild(base: torch.Tensor, pos: torch.Tensor, values: torch.Tensor) -> torc
     return out
 
 
-__all__ = ["decode_positions", "differing", "encode_positions", "part_specs", "position_kind", "rebuild", "stored_nbytes"]
+__all__ = ["decode_positions", "differing", "encode_positions", "mask_positions", "mask_to_index", "part_specs", "position_kind",
+           "rebuild", "stored_nbytes"]

@@ -143,7 +143,7 @@ def compression_summary(plan: Plan) -> dict:
     comp = [t for t in plan.tensors if t.parts is not None]  # a codec's parts, or a sparse tensor's
     comp_params = sum(t.numel for t in comp)
     comp_bytes = sum(o.nbytes for t in comp for o in t.parts)
-    whole_bytes = sum(o.nbytes for t in plan.tensors if t.codec is None for o in t.outs)
+    whole_bytes = sum(o.nbytes for t in plan.tensors if t.parts is None for o in t.outs)
     dense_bf16 = plan.parameter_count * BF16_BYTES
     by_op: dict[str, int] = {}
     for t in comp:

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from weightx.formats import sparse
+from weightx.formats.packing import pack_bits, packed_len
 from weightx.io.safetensors import DTYPES, OutTensor, ShardWriter, itemsize
 from weightx.pipeline.compute import Inputs, TensorComputer, TensorStats
 from weightx.pipeline.engine import write_shards
@@ -97,32 +98,38 @@ def write_sparse(plan: Plan, folder: Path, device: torch.device, run: RunState,
                     continue
                 st = TensorStats()
                 dtype = DTYPES[t.out_dtype]
-                pos_parts, val_parts, ok = [], [], True
+                n, size = t.numel, itemsize(t.out_dtype)
+                # The changed positions as a packed bitmap (n/8 bytes), the values straight to the spool:
+                # memory stays small whatever the tensor's size. Blocks start at multiples of 8.
+                mask = torch.zeros(packed_len(n), dtype=torch.uint8)
+                start_of_values = f.tell()
+                k, ok = 0, True
                 for (start, count), out in zip(computer.ranges(t), computer.blocks(t, st)):
                     base32 = computer.load(plan.base, t, start, count)
                     pos = sparse.differing(out, base32.to(dtype))
                     vals = out[pos]
                     ok = ok and _verified(vals, base32[pos], dtype)
-                    pos_parts.append(pos + start)
-                    val_parts.append(vals)
-                n = t.numel
-                pos = torch.cat(pos_parts) if pos_parts else torch.zeros(0, dtype=torch.int64)
-                values = torch.cat(val_parts) if val_parts else torch.zeros(0, dtype=dtype)
-                k = pos.numel()
-                if not ok or sparse.stored_nbytes(n, k, itemsize(t.out_dtype)) >= n * itemsize(t.out_dtype):
+                    changed = torch.zeros(count, dtype=torch.bool)
+                    changed[pos.cpu()] = True
+                    mask[start // 8:start // 8 + packed_len(count)] = pack_bits(changed)
+                    f.write(ShardWriter.raw(vals.cpu()))
+                    k += pos.numel()
+                if not ok or sparse.stored_nbytes(n, k, size) >= n * size:
+                    f.seek(start_of_values)
+                    f.truncate()
                     continue  # stored whole (recomputed by the engine below)
                 kind = sparse.position_kind(n, k)
-                code = sparse.encode_positions(pos.cpu(), n, kind)
-                parts = []
-                for sfx, x in (("values", values.cpu()), (kind, code)):
-                    o = OutTensor(f"{t.name}.{sfx}", "U8" if sfx != "values" else t.out_dtype, (x.numel(),))
-                    offsets[o.name] = f.tell()
-                    f.write(ShardWriter.raw(x))
-                    parts.append(o)
+                code = mask if kind == "mask" else sparse.mask_to_index(mask, n, k)
+                del mask
+                values = OutTensor(f"{t.name}.values", t.out_dtype, (k,))
+                positions = OutTensor(f"{t.name}.{kind}", "U8", (code.numel(),))
+                offsets[values.name] = start_of_values
+                offsets[positions.name] = f.tell()
+                f.write(ShardWriter.raw(code))
                 st.extra.update({"codec": "sparse", "k": k, "positions": kind, "changed_share": k / n if n else 0.0})
                 stats[t.name] = st
-                stored[t.name] = dataclasses.replace(t, parts=tuple(parts))
-                progress(sum(o.nbytes for o in parts))
+                stored[t.name] = dataclasses.replace(t, parts=(values, positions))
+                progress(values.nbytes + positions.nbytes)
         whole = [dataclasses.replace(t, parts=None) if t.parts is not None else t for t in plan.tensors if t.name not in stored]
         sparse_tensors = [stored[t.name] for t in plan.tensors if t.name in stored]
         groups = split_shards(whole, plan.recipe.output.shard_bytes) if whole else []

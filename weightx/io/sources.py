@@ -41,6 +41,9 @@ class Source:
     # A weightx delta artifact's reader (weightx.io.artifact.ArtifactReader): the source then lists
     # logical tensors, and compressed ones are decoded rather than read.
     artifact: Any = None
+    # Prefix rules (A, B) under which this input is read: the config model's name A + s is this input's
+    # B + s (`weightx.io.names`); () when the names match.
+    renames: tuple[tuple[str, str], ...] = ()
 
     def info(self, name: str) -> TensorInfo:
         if self.artifact is not None and name in self.artifact.virtual:

@@ -12,7 +12,9 @@ from pathlib import Path
 
 from weightx.errors import InputError, InputNotFoundError, PlanError, UsageError
 from weightx.io.files import copyable, read_regular
+from weightx.io.names import describe_rules, prefix_rules, renamed
 from weightx.io.output import CONFIG_FILES
+from weightx.edits.base import matches
 from weightx.io.safetensors import DTYPE_NAMES, TORCH_DTYPES
 from weightx.io.sources import Source, resolve
 from weightx.pipeline.compression import plan_compression, render_compression
@@ -99,15 +101,30 @@ def build_plan(recipe: Recipe, output: str | Path | None = None, recipe_dir: Pat
         elif _inside(root, out_path):
             problems.append(f"input '{alias}' ({root}) is inside output.path {out_path}; write elsewhere")
 
-    base = sources[recipe.base]
     cfg = sources[recipe.config_from]
+    dropped = lambda name: bool(recipe.output.drop) and matches(name, recipe.output.drop)  # noqa: E731
+    wanted = {n for n in cfg.weight_map if not dropped(n)}
+    for alias in dict.fromkeys([recipe.base] + [a for d in recipe.deltas for a in (d.model, d.base) if a]):
+        src = sources[alias]
+        if alias == recipe.config_from or src.artifact is not None:
+            continue
+        found = prefix_rules(wanted, set(src.weight_map))
+        if found is not None:  # the same tensors under other names: read them under the config model's
+            rules, mapping = found
+            sources[alias] = renamed(src, mapping, rules)
+            notes.append(f"'{alias}' names its tensors differently from '{recipe.config_from}': read with {describe_rules(rules)}"
+                         f" ({len(mapping)} tensors; recorded in weightx.json)")
+    base = sources[recipe.base]
     deltas = [(d, sources[d.model]) for d in recipe.deltas]
     # Transplanted deltas (`deltas.i.base`): their own bases must match names and shapes too.
     own_bases = [(a, sources[a]) for a in dict.fromkeys(d.base for d in recipe.deltas if d.base and d.base != recipe.base)]
     forced = recipe.output.dtype
     tensors: list[TensorPlan] = []
     positions = layer_positions(cfg.weight_map) if recipe.varying else {}
+    missing: dict[str, list[str]] = {}
     for name in sorted(cfg.weight_map, key=natural_key):
+        if dropped(name):
+            continue
         info = cfg.info(name)
         if not info.is_float:
             tensors.append(TensorPlan(name, info.shape, info.dtype, edit=False))
@@ -115,7 +132,7 @@ def build_plan(recipe: Recipe, output: str | Path | None = None, recipe_dir: Pat
         ok = True
         for alias, src in [(recipe.base, base)] + [(d.model, s) for d, s in deltas] + own_bases:
             if name not in src.weight_map:
-                problems.append(f"tensor {name!r} is missing from '{alias}' ({src.describe()})")
+                missing.setdefault(alias, []).append(name)
                 ok = False
                 continue
             other = src.info(name)
@@ -152,6 +169,15 @@ def build_plan(recipe: Recipe, output: str | Path | None = None, recipe_dir: Pat
         elementwise = (combine or recipe.combine).elementwise and all(e.elementwise for es in edits for e in es)
         tensors.append(TensorPlan(name, info.shape, out_dtype, True, edits, elementwise, weights=weights, combine=combine))
 
+    for alias, names in missing.items():
+        src = sources[alias]
+        if len(names) <= 3:
+            problems += [f"tensor {n!r} is missing from '{alias}' ({src.describe()})" for n in names]
+            continue
+        own = sorted((n for n in src.weight_map if n not in cfg.weight_map), key=natural_key)
+        like = f"; its own names look like {own[0]!r}" if own else ""
+        problems.append(f"{len(names)} tensors of '{recipe.config_from}' are missing from '{alias}' ({src.describe()}), e.g. {names[0]!r}"
+                        f"{like}: no consistent prefix maps one onto the other; check that both are the same architecture")
     distill_data = None
     if not problems:
         planned = plan_compression(recipe, sources, tensors, recipe_dir)
@@ -163,9 +189,21 @@ def build_plan(recipe: Recipe, output: str | Path | None = None, recipe_dir: Pat
         problems += more
         notes += lora_notes
     for alias, src in sources.items():
-        extra = [n for n in src.weight_map if n not in cfg.weight_map]
-        if extra and alias != recipe.config_from:
+        extra = [n for n in sorted(src.weight_map, key=natural_key) if n not in cfg.weight_map and not dropped(n)]
+        if not extra or alias == recipe.config_from or len(missing.get(alias, ())) > 3:
+            continue  # (many missing: the summary line above already says the names differ)
+        lost = [n for n in extra if src.info(n).is_float]
+        if lost and any(d.model == alias for d in recipe.deltas):  # a fine-tune's own weights: never dropped silently
+            problems.append(f"'{alias}' has {len(lost)} tensor(s) that '{recipe.config_from}' (output.config_from) lacks, e.g."
+                            f" {lost[0]}, so the output would leave them out: set output.config_from: {alias} to keep them,"
+                            f" or output.drop: [{_pattern(lost)!r}] to leave them out knowingly")
+        else:
             notes.append(f"{len(extra)} tensor(s) of '{alias}' are not in '{recipe.config_from}' and are left out (e.g. {extra[0]})")
+    dtypes = {alias: _main_dtype(src) for alias, src in sources.items() if src.artifact is None}
+    if len(set(dtypes.values()) - {None}) > 1 and not forced and recipe.output.format != "lora":
+        listed = ", ".join(f"{a}: {d}" for a, d in dtypes.items() if d)
+        notes.append(f"the inputs' dtypes differ ({listed}): each output tensor takes the base's dtype ({dtypes.get(recipe.base)});"
+                     " set output.dtype to choose")
     notes += list(recipe.notes)
     if recipe.combine.prepass() == "global_statistics":
         passes = (2 if recipe.combine.trim_scope == "global" else 0) + (recipe.combine.zero_sign == "paper")  # type: ignore[attr-defined]
@@ -173,7 +211,13 @@ def build_plan(recipe: Recipe, output: str | Path | None = None, recipe_dir: Pat
         if any(p.label.startswith("combine.") for p in recipe.varying):
             problems.append("a TIES combine over the whole model (trim_scope: global or zero_sign: paper) takes one density; remove its gradient or filters")
     if not cfg.has_config:
-        notes.append(f"'{recipe.config_from}' has no config.json: the output will hold weights only")
+        others = [a for a, s in sources.items() if s.has_config and a != recipe.config_from]
+        if others and recipe.output.format == "dense":  # the output would not load, and a config is at hand
+            default = " (by default it is the last delta's model)" if recipe.output.config_from is None else ""
+            problems.append(f"'{recipe.config_from}' ({cfg.describe()}) has no config.json{default}, so the output would not load;"
+                            f" set output.config_from: {others[0]}, which has one")
+        else:
+            notes.append(f"'{recipe.config_from}' has no config.json: the output will hold weights only")
     else:  # found now, not after all the compute when the files are copied
         found = [config_problem(cfg.root)] + [copy_problem(cfg.root / n, cfg.root) for n in CONFIG_FILES]
         problems += [why for why in dict.fromkeys(found) if why]
@@ -182,6 +226,24 @@ def build_plan(recipe: Recipe, output: str | Path | None = None, recipe_dir: Pat
     shards = ((ShardPlan(ADAPTER_FILE, tuple(tensors)),) if recipe.output.format == "lora"
               else tuple(split_shards(tensors, recipe.output.shard_bytes)))
     return Plan(recipe, sources, out_path, tuple(tensors), shards, tuple(notes), distill_data, recipe_dir)
+
+
+def _pattern(names: list[str]) -> str:
+    """A glob naming the given tensors: the name itself, or the common prefix plus `*`."""
+    if len(names) == 1:
+        return names[0]
+    prefix = os.path.commonprefix(names)
+    return f"{prefix}*" if prefix else "*"
+
+
+def _main_dtype(src: Source) -> str | None:
+    """The most common floating dtype of a source's tensors (from headers)."""
+    counts: dict[str, int] = {}
+    for name in src.weight_map:
+        info = src.info(name)
+        if info.is_float:
+            counts[info.dtype] = counts.get(info.dtype, 0) + info.numel
+    return max(counts, key=counts.get) if counts else None
 
 
 def model_type(src: Source) -> str | None:

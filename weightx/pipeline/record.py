@@ -64,6 +64,8 @@ def inputs_record(plan: Plan, hashes: dict[str, str]) -> dict:
         for shard, header in src.headers.items():
             files[shard] = {"size": header.path.stat().st_size, "sha256": src.sha256.get(shard) or hashes.get(str(header.path))}
         record[alias] = {"source": src.spec, "kind": src.kind, "repo_id": src.repo_id, "revision": src.revision, "files": files}
+        if src.renames:  # read under the config model's names: {"from": its prefix, "to": the config model's}
+            record[alias]["renamed"] = [{"from": b, "to": a} for a, b in src.renames]
     return record
 
 

@@ -130,6 +130,9 @@ class OutputSpec(_Strict):
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     shard_size: int | str = "5GB"
     config_from: str | None = None
+    # Glob patterns of tensors to leave out of the output knowingly (a value head, an extra lm_head a
+    # fine-tune has and config_from's model lacks); any other such tensor is a plan-time error.
+    drop: list[str] = Field(default_factory=list)
     # A NaN/Inf in a computed output tensor (from an input, or an overflow): "error" stops the run
     # naming the tensor and the input that holds it; "warn" reports it and writes the output anyway.
     on_nonfinite: Literal["error", "warn"] = "error"

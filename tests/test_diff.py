@@ -147,3 +147,16 @@ def test_direction_cli(family, tmp_path):
     (tmp_path / "empty.txt").write_text("")
     proc = run_cli("diff", str(family["sft"]), str(family["dpo"]), "--direction", str(tmp_path / "empty.txt"))
     assert proc.returncode == 2 and "too little text" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_direction_reads_a_large_text_cut_mid_character(family, tmp_path):
+    """Only the first MiB is read; a multi-byte character cut by that limit is not 'not UTF-8'."""
+    from weightx.direction import MAX_TEXT_BYTES, direction_hint
+
+    text = ("é" * (MAX_TEXT_BYTES // 2 + 1)).encode("utf-8")  # the limit falls inside a 2-byte character
+    (tmp_path / "big.txt").write_bytes(b"a" + text)
+    (res,) = direction_hint(str(family["sft"]), [str(family["dpo"])], tmp_path / "big.txt", device="cpu")
+    assert res["tokens"] > 0
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00binary")
+    proc = run_cli("diff", str(family["sft"]), str(family["dpo"]), "--direction", str(tmp_path / "bin.txt"))
+    assert proc.returncode == 2 and "not UTF-8 text" in proc.stderr and "Traceback" not in proc.stderr

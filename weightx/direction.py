@@ -23,7 +23,7 @@ from weightx.pipeline.compute import Inputs
 
 MAX_CHUNKS = 8
 CHUNK_TOKENS = 256
-MAX_TEXT_BYTES = 16 << 20
+MAX_TEXT_BYTES = 1 << 20  # far more than MAX_CHUNKS × CHUNK_TOKENS tokens of text
 
 
 def text_chunks(tokenizer, text: str, chunk: int = CHUNK_TOKENS, limit: int = MAX_CHUNKS) -> list[torch.Tensor]:
@@ -43,10 +43,14 @@ def direction_hint(base_path: str, model_paths: list[str], text_file: Path, devi
     """Σ g·δ for each model (its delta against the base), per layer and in total."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    data = read_regular(text_file, MAX_TEXT_BYTES)
     try:
-        text = read_regular(text_file, MAX_TEXT_BYTES).decode("utf-8")
-    except UnicodeDecodeError:
-        raise UsageError(f"--direction {text_file}: not UTF-8 text; give a plain text file") from None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if len(data) == MAX_TEXT_BYTES and e.start >= len(data) - 3:  # a character cut by the read limit
+            text = data[:e.start].decode("utf-8")
+        else:
+            raise UsageError(f"--direction {text_file}: not UTF-8 text (byte {e.start}); give a plain text file") from None
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     base = resolve("base", base_path)
     results = []

@@ -17,6 +17,7 @@ import struct
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -320,3 +321,31 @@ class ShardWriter:
 
     def abort(self) -> None:
         self._f.abort()
+
+
+SPOOL_CHUNK = 16 << 20
+
+
+def write_spooled(path: Path, tensors: list[OutTensor], spool: BinaryIO, offsets: dict[str, int]) -> ShardWriter:
+    """Write a shard whose tensors' bytes were put beforehand in the scratch file `spool` (`offsets`:
+    tensor name → where its bytes start), copied in 16 MB pieces; closed, fsynced and hashed. For outputs
+    whose sizes are known only once computed (LoRA ranks by energy, sparse parts)."""
+    writer = ShardWriter(path, tensors, hash_on_close=True)
+    buf = memoryview(bytearray(SPOOL_CHUNK))
+    try:
+        for t in tensors:
+            spool.seek(offsets[t.name])
+            left = t.nbytes
+            while left:
+                piece = buf[:min(left, SPOOL_CHUNK)]
+                if spool.readinto(piece) != len(piece):
+                    raise RuntimeError(f"{path}: the scratch file ended inside {t.name}")
+                writer.write_raw(piece)
+                writer.hash_raw(piece)
+                left -= len(piece)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return writer
+

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from weightx.errors import UsageError
-from weightx.io.safetensors import DTYPES, OutTensor, ShardWriter, itemsize
+from weightx.io.safetensors import DTYPES, OutTensor, ShardWriter, itemsize, write_spooled
 from weightx.kernels.lowrank import randomized_svd, truncated_svd
 from weightx.pipeline.compute import Inputs, TensorComputer, TensorStats
 from weightx.pipeline.plan import VOCAB_NAMES, Plan, TensorPlan, human_bytes
@@ -167,6 +167,7 @@ def write_lora(plan: Plan, folder: Path, device: torch.device, run: RunState) ->
     outs: list[OutTensor] = []
     ranks: dict[str, int] = {}
     saved: list[str] = []
+    offsets: dict[str, int] = {}  # output tensor → where its bytes start in the spool
     factored = {module_of(u.name) for u in plan.tensors if is_target(u, recipe)}
     spool = folder / ".adapter.spool"
     try:
@@ -191,6 +192,7 @@ def write_lora(plan: Plan, folder: Path, device: torch.device, run: RunState) ->
                     pa, pb = factor_parts(t, r)
                     for part, x in ((pa, a), (pb, b)):
                         outs.append(part)
+                        offsets[part.name] = f.tell()
                         f.write(ShardWriter.raw(x.cpu()))
                 elif t.name.endswith(".bias") and module_of(t.name) in factored:
                     st.extra["not_in_adapter"] = True
@@ -198,21 +200,14 @@ def write_lora(plan: Plan, folder: Path, device: torch.device, run: RunState) ->
                     x = computer.load(plan.base, t, 0, t.numel).add_(d.reshape(-1)).to(DTYPES[t.out_dtype]).cpu()
                     outs.append(OutTensor(f"{PREFIX}{t.name}", t.out_dtype, t.shape))
                     saved.append(module_of(t.name))
+                    offsets[outs[-1].name] = f.tell()
                     f.write(ShardWriter.raw(x))
                 del d
         if not ranks:
             raise UsageError("format: lora: the delta is zero on every linear weight, so there is nothing to factor;"
                              " check that the models differ (weightx diff BASE MODEL)")
-        writer = ShardWriter(folder / ADAPTER_FILE, outs, hash_on_close=True)
-        try:
-            with open(spool, "rb") as f:
-                for o in outs:
-                    raw = f.read(o.nbytes)
-                    writer.write(torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8))
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
+        with open(spool, "rb") as f:
+            writer = write_spooled(folder / ADAPTER_FILE, outs, f, offsets)
     finally:
         inputs.close()
         spool.unlink(missing_ok=True)

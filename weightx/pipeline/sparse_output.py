@@ -22,7 +22,7 @@ import torch
 
 from weightx.formats import sparse
 from weightx.formats.packing import pack_bits, packed_len
-from weightx.io.safetensors import DTYPES, OutTensor, ShardWriter, itemsize
+from weightx.io.safetensors import DTYPES, OutTensor, ShardWriter, itemsize, write_spooled
 from weightx.pipeline.compute import Inputs, TensorComputer, TensorStats
 from weightx.pipeline.engine import write_shards
 from weightx.pipeline.plan import Plan, ShardPlan, TensorPlan, human_bytes, shard_names, split_shards
@@ -149,17 +149,7 @@ def write_sparse(plan: Plan, folder: Path, device: torch.device, run: RunState,
             for s in shards:
                 if s in dense_shards:
                     continue
-                outs = [o for t in s.tensors for o in t.parts]
-                writer = ShardWriter(folder / s.filename, outs, hash_on_close=True)
-                try:
-                    for o in outs:
-                        f.seek(offsets[o.name])
-                        raw = f.read(o.nbytes)
-                        writer.write(torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.zeros(0, dtype=torch.uint8))
-                    writer.close()
-                except BaseException:
-                    writer.abort()
-                    raise
+                writer = write_spooled(folder / s.filename, [o for t in s.tensors for o in t.parts], f, offsets)
                 written[s.filename] = {"sha256": writer.sha256, "size": writer.total}
     finally:
         inputs.close()

@@ -111,8 +111,7 @@ def effective_rank(d: torch.Tensor, energy: float = 0.9) -> int:
 
 
 def _load(inputs: Inputs, src: Source, name: str, start: int, count: int) -> torch.Tensor:
-    mf, info = inputs.get(src, name)
-    return mf.view(info, start, count).to(torch.float32, copy=True)
+    return inputs.read(src, name, start, count, torch.device("cpu"))
 
 
 def diff(paths: list[str], *, rank: bool = False, progress=None) -> dict:

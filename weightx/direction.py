@@ -82,9 +82,8 @@ def direction_hint(base_path: str, model_paths: list[str], text_file: Path, devi
                     unmatched.append(name)
                     continue
                 n = p.numel()
-                mf, info = inputs.get(src, name)
-                mb, ib = inputs.get(base, name)
-                delta = mf.view(info, 0, n).to(torch.float32, copy=True).sub_(mb.view(ib, 0, n).to(torch.float32))
+                cpu = torch.device("cpu")
+                delta = inputs.read(src, name, 0, n, cpu).sub_(inputs.read(base, name, 0, n, cpu))
                 g = p.grad.detach().reshape(-1).to("cpu", torch.float64)
                 s = float(torch.dot(g, delta.to(torch.float64)))
                 total += s

@@ -139,9 +139,10 @@ def make_temp(out_path: Path, overwrite: bool) -> Path:
     return tmp
 
 
-def copy_config(src_root: Path, dst: Path, out_dtype: str | None) -> list[str]:
+def copy_config(src_root: Path, dst: Path, out_dtype: str | None, drop: tuple[str, ...] = ()) -> list[str]:
     """Copy config, tokenizer and generation files; only regular files that live in the model folder
-    (a symlink out of it, a FIFO or a device is refused in one line, before anything is copied)."""
+    (a symlink out of it, a FIFO or a device is refused in one line, before anything is copied).
+    `drop`: config.json keys that no longer describe the output (a dequantized input's quantization_config)."""
     names = [name for name in CONFIG_FILES if copyable(src_root / name, src_root)]
     copied = []
     for name in names:
@@ -149,15 +150,19 @@ def copy_config(src_root: Path, dst: Path, out_dtype: str | None) -> list[str]:
             shutil.copyfileobj(src, out)
         copied.append(name)
     cfg = dst / "config.json"
-    if cfg.is_file() and out_dtype:
+    if cfg.is_file() and (out_dtype or drop):
         try:
             doc = json.loads(cfg.read_text(encoding="utf-8"))
         except ValueError:
             return copied
+        if not isinstance(doc, dict):
+            return copied
         # transformers 5 writes "dtype", 4.x "torch_dtype"; keep whichever is there truthful.
         keys = [k for k in ("dtype", "torch_dtype") if k in doc] or ["torch_dtype"]
-        for k in keys:
+        for k in keys if out_dtype else []:
             doc[k] = out_dtype
+        for k in drop:
+            doc.pop(k, None)
         cfg.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return copied
 

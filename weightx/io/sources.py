@@ -44,6 +44,10 @@ class Source:
     # Prefix rules (A, B) under which this input is read: the config model's name A + s is this input's
     # B + s (`weightx.io.names`); () when the names match.
     renames: tuple[tuple[str, str], ...] = ()
+    # FP8 block-scaled weights (`weightx.io.quantized`): weight name → (shard, TensorInfo) of its
+    # `_scale_inv` tensor, which the weight map then no longer lists; and the block size.
+    fp8: dict[str, tuple[str, Any]] = field(default_factory=dict)
+    fp8_block: tuple[int, int] = (128, 128)
 
     def info(self, name: str) -> TensorInfo:
         if self.artifact is not None and name in self.artifact.virtual:

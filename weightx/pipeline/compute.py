@@ -26,6 +26,7 @@ from weightx.combine.base import CombineConfig
 from weightx.edits.base import TensorContext
 from weightx.errors import InputError, UsageError
 from weightx.io.provenance import Pacer
+from weightx.io.quantized import dequantize
 from weightx.io.safetensors import DTYPES, MappedFile, TensorInfo
 from weightx.io.sources import Source
 from weightx.kernels.topk import PooledBlocks
@@ -80,11 +81,32 @@ class Inputs:
 
     def get(self, src: Source, name: str) -> tuple[MappedFile, object]:
         shard = src.weight_map[name]
+        return self.mapped(src, shard), src.headers[shard].tensors[name]
+
+    def mapped(self, src: Source, shard: str) -> MappedFile:
         header = src.headers[shard]
         mf = self._maps.get(header.path)
         if mf is None:
             mf = self._maps[header.path] = MappedFile(header)
-        return mf, header.tensors[name]
+        return mf
+
+    def read(self, src: Source, name: str, start: int, count: int, device: torch.device,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+        """Elements [start, start+count) of tensor `name` of `src` as float32 on `device`: a fresh
+        tensor, or `out` filled. FP8 block-scaled weights come dequantized."""
+        mf, info = self.get(src, name)
+        x = mf.view(info, start, count)
+        if device.type != "cpu":
+            x = x.to(device, non_blocking=False)
+        if name in src.fp8:
+            shard, sinfo = src.fp8[name]
+            scales = self.mapped(src, shard).view(sinfo, 0, sinfo.numel).to(device=device, dtype=torch.float32).view(sinfo.shape)
+            x = dequantize(x.to(torch.float32), start, info.shape, scales, src.fp8_block)
+            return x if out is None else out.copy_(x)
+        if out is not None:
+            return out.copy_(x)
+        # copy=True: a float32 input must never be modified in place through its mapping.
+        return x.to(torch.float32, copy=True)
 
     def close(self) -> None:
         for mf in self._maps.values():
@@ -159,14 +181,7 @@ class TensorComputer:
     def load(self, src: Source, t: TensorPlan, start: int, count: int,
              out: torch.Tensor | None = None) -> torch.Tensor:
         """Block [start, start+count) of input `src` as float32: a fresh tensor, or `out` filled."""
-        mf, info = self.inputs.get(src, t.name)
-        x = mf.view(info, start, count)
-        if self.device.type != "cpu":
-            x = x.to(self.device, non_blocking=False)
-        if out is not None:
-            return out.copy_(x)
-        # copy=True: a float32 input must never be modified in place through its mapping.
-        return x.to(torch.float32, copy=True)
+        return self.inputs.read(src, t.name, start, count, self.device, out)
 
     def delta(self, i: int, t: TensorPlan, start: int, count: int, base: torch.Tensor | None, copy: bool = True,
               out: torch.Tensor | None = None) -> torch.Tensor:

@@ -58,6 +58,9 @@ def plan_distill(recipe: Recipe, sources: dict[str, Source], edits: list[BitDelt
                         f" {len(recipe.deltas)} deltas (compress each model in its own recipe)")
     if len(edits) > 1:
         problems.append("only one bitdelta edit per recipe may have a distill block")
+    if any(s.fp8 for s in sources.values()):
+        problems.append("bitdelta distill runs the models through transformers, which cannot load an FP8 checkpoint"
+                        " here; remove distill, or start from the model's bf16 release")
     if any(d.base and d.base != recipe.base for d in recipe.deltas):
         problems.append("bitdelta distill matches the fine-tune from the base it was trained on; a delta with its own"
                         " `base:` (a transplant) has no such model to match: remove distill or the delta's base")

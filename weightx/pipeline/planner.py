@@ -6,6 +6,7 @@ a user fixes a recipe in one round trip instead of one error per run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 from weightx.errors import InputError, InputNotFoundError, PlanError, UsageError
 from weightx.io.files import copyable, read_regular
 from weightx.io.names import describe_rules, prefix_rules, renamed
+from weightx.io.quantized import fp8_scales, quantization_problem, scale_problem
 from weightx.io.output import CONFIG_FILES
 from weightx.edits.base import matches
 from weightx.io.safetensors import DTYPE_NAMES, TORCH_DTYPES
@@ -101,6 +103,9 @@ def build_plan(recipe: Recipe, output: str | Path | None = None, recipe_dir: Pat
         elif _inside(root, out_path):
             problems.append(f"input '{alias}' ({root}) is inside output.path {out_path}; write elsewhere")
 
+    quantized = _quantized_inputs(sources, notes)
+    if quantized:
+        raise PlanError(quantized)  # nothing else about a quantized input is worth reading
     cfg = sources[recipe.config_from]
     dropped = lambda name: bool(recipe.output.drop) and matches(name, recipe.output.drop)  # noqa: E731
     wanted = {n for n in cfg.weight_map if not dropped(n)}
@@ -151,6 +156,8 @@ def build_plan(recipe: Recipe, output: str | Path | None = None, recipe_dir: Pat
         if not ok:
             continue
         out_dtype = DTYPE_NAMES[TORCH_DTYPES[forced]] if forced else base.info(name).dtype
+        if out_dtype in ("F8_E4M3", "F8_E5M2"):  # a dequantized FP8 base: written in bfloat16 (a plan note says so)
+            out_dtype = "BF16"
         weights, combine, all_edits = None, None, tuple(d.edits for d, _ in deltas)
         if recipe.varying:
             try:
@@ -226,6 +233,35 @@ def build_plan(recipe: Recipe, output: str | Path | None = None, recipe_dir: Pat
     shards = ((ShardPlan(ADAPTER_FILE, tuple(tensors)),) if recipe.output.format == "lora"
               else tuple(split_shards(tensors, recipe.output.shard_bytes)))
     return Plan(recipe, sources, out_path, tuple(tensors), shards, tuple(notes), distill_data, recipe_dir)
+
+
+def _quantized_inputs(sources: dict[str, Source], notes: list[str]) -> list[str]:
+    """Refusals for quantized inputs weightx cannot edit; FP8 block-scaled ones are switched (in
+    `sources`) to read dequantized, their scale tensors hidden, with a note."""
+    problems = []
+    for alias, src in list(sources.items()):
+        why = quantization_problem(alias, src)
+        if why:
+            problems.append(why)
+            continue
+        if src.artifact is not None:
+            continue
+        pairs, block = fp8_scales(src)
+        if not pairs:
+            continue
+        scales = {}
+        for name, scale in pairs.items():
+            info, sinfo = src.info(name), src.info(scale)
+            bad = scale_problem(name, info.shape, sinfo.shape, block)
+            if bad:
+                problems.append(f"'{alias}': {bad}")
+            scales[name] = (src.weight_map[scale], sinfo)
+        hidden = set(pairs.values())
+        sources[alias] = dataclasses.replace(src, weight_map={n: s for n, s in src.weight_map.items() if n not in hidden},
+                                             fp8=scales, fp8_block=block)
+        notes.append(f"'{alias}' is FP8 block-scaled ({len(pairs)} tensors, blocks of {list(block)}): read dequantized to"
+                     " float32; outputs default to bfloat16 where the base is FP8 (set output.dtype to choose)")
+    return problems
 
 
 def _pattern(names: list[str]) -> str:

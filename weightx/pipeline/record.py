@@ -77,7 +77,7 @@ def write_record(plan: Plan, tmp: Path, stats: dict[str, TensorStats], hashes: d
     cfg_dtype = dtype_name(next(iter(out_dtypes))) if len(out_dtypes) == 1 else None
     lora = r.output.format == "lora"  # a PEFT folder: no model config or index (transformers would take it for a model)
     if plan.config_source.has_config and not lora:
-        copy_config(plan.config_source.root, tmp, cfg_dtype)
+        copy_config(plan.config_source.root, tmp, cfg_dtype, ("quantization_config",) if plan.config_source.fp8 else ())
     if not lora:
         weight_map = {o.name: s.filename for s in plan.shards for t in s.tensors for o in t.outs}
         write_json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": plan.total_size}, "weight_map": dict(sorted(weight_map.items()))})

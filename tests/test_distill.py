@@ -167,3 +167,38 @@ def test_distill_on_gpu(family, tmp_path, calibration):
     out = api.apply(recipe(family["sft"], family["dpo"], tmp_path / "gpu", distill), device="cuda")
     d = json.loads((out.path / "weightx.json").read_text())["distill"]
     assert d["device"].startswith("cuda") and d["loss_after"] < d["loss_before"]
+
+
+def test_a_distillation_that_raises_the_loss_keeps_the_initial_scales(family, tmp_path, calibration):
+    """lr 50 overshoots: the learned scales raise the logit MSE, so the artifact keeps the initial
+    (mean |δ|) scales, byte for byte as without distillation, and weightx.json says so."""
+    distill = {"data": str(calibration), **SHORT, "lr": 50.0}
+    plain = api.apply(recipe(family["sft"], family["dpo"], tmp_path / "plain", None))
+    lines: list[str] = []
+    tuned = api.apply(recipe(family["sft"], family["dpo"], tmp_path / "tuned", distill), report=lambda e, v: lines.append(str(v)) if e == "log" else None)
+    d = json.loads((tuned.path / "weightx.json").read_text())["distill"]
+    assert d["scales_kept"] == "initial" and not d["loss_after"] < d["loss_before"]
+    a, b = load_state_dict(plain.path), load_state_dict(tuned.path)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any("keeping the initial scales" in line for line in lines), lines
+
+
+def test_distill_on_an_moe_model_is_refused_at_plan_time(tmp_path, calibration):
+    """transformers 5 keeps Mixtral's experts fused in memory under other names than on disk:
+    distillation would load nothing into them, so plan refuses it in one line."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from weightx.testing import build_tokenizer
+
+    build_tokenizer(tmp_path / "tok", vocab_size=128)
+    for i, name in enumerate(("a", "b")):
+        torch.manual_seed(i)
+        cfg = MixtralConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                            num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+        MixtralForCausalLM(cfg).save_pretrained(tmp_path / name)
+        for f in (tmp_path / "tok").iterdir():
+            (tmp_path / name / f.name).write_bytes(f.read_bytes())
+    r = recipe(tmp_path / "a", tmp_path / "b", tmp_path / "o", {"data": str(calibration), **SHORT})
+    with pytest.raises(PlanError) as e:
+        api.plan(r)
+    assert len(e.value.problems) == 1 and "names" in e.value.problems[0] and "remove distill" in e.value.problems[0]

@@ -80,7 +80,33 @@ def plan_distill(recipe: Recipe, sources: dict[str, Source], edits: list[BitDelt
                             " relative paths are taken from the recipe's folder)")
         else:
             data_path = path.resolve()
+    if not problems and cfg.has_config:
+        why = memory_names_problem(recipe.config_from, cfg, [n for n in sources[recipe.base].weight_map])
+        if why:
+            problems.append(why)
     return problems, data_path
+
+
+def memory_names_problem(alias: str, cfg: Source, names: list[str]) -> str | None:
+    """Distillation loads the checkpoint's tensors into transformers' model by name: one line when the
+    model class (built on the meta device, no memory) cannot be built or names some tensors otherwise
+    (transformers 5 fuses MoE experts in memory; vision-language models move their language model)."""
+    from transformers import AutoConfig, AutoModelForCausalLM  # heavy: only for recipes that distill
+
+    try:
+        config = AutoConfig.from_pretrained(cfg.root)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return (f"bitdelta distill runs '{alias}' as transformers' AutoModelForCausalLM, which cannot build it"
+                f" ({' '.join(str(e).split())[:120]}); remove distill")
+    known = set(model.state_dict())
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        return (f"bitdelta distill loads the checkpoint into transformers' {type(model).__name__}, which names {len(unknown)}"
+                f" of its tensors otherwise in memory (e.g. {unknown[0]}: fused MoE experts or a moved language model);"
+                " distillation is not supported for this architecture yet: remove distill")
+    return None
 
 
 # ---------------------------------------------------------------------------------- models
@@ -217,8 +243,9 @@ def batches(windows: list[list[int]], batch_size: int, steps: int, device: torch
 class DistillResult:
     scales: dict[str, torch.Tensor]
     loss_before: float
-    loss_after: float
+    loss_after: float  # with the learned scales
     train_loss: list[float]
+    kept: str = "learned"  # "initial" when the learned scales did not lower the loss
 
 
 def _eval_loss(teacher_logits: list[torch.Tensor], student: Student, eval_batches: list[torch.Tensor]) -> float:
@@ -234,6 +261,7 @@ def train_scales(teacher: torch.nn.Module, student: Student, train: list[torch.T
     with torch.no_grad():
         teacher_eval = [teacher(b, use_cache=False).logits.float() for b in evaluate]
     loss_before = _eval_loss(teacher_eval, student, evaluate)
+    initial = {n: p.detach().to("cpu", torch.float32).clone() for n, p in student.scales.items()}
     log(f"distill: {len(student.scales)} scale tensor(s), {len(train)} steps; logit MSE before {loss_before:.6g}")
     every, t0 = max(1, len(train) // 10), time.perf_counter()
     params = list(student.scales.values())
@@ -252,6 +280,10 @@ def train_scales(teacher: torch.nn.Module, student: Student, train: list[torch.T
         if len(curve) % every == 0 or len(curve) == len(train):
             log(f"distill: step {len(curve)}/{len(train)}, loss {curve[-1]:.6g} ({time.perf_counter() - t0:.0f} s)")
     loss_after = _eval_loss(teacher_eval, student, evaluate)
+    if not loss_after < loss_before:  # worse (or NaN): training did not help, the initial scales stay
+        log(f"distill: the learned scales raised the logit MSE ({loss_before:.6g} -> {loss_after:.6g}); keeping the"
+            " initial scales (lower distill.lr or give more calibration text)")
+        return DistillResult(initial, loss_before, loss_after, curve, kept="initial")
     log(f"distill: logit MSE {loss_before:.6g} -> {loss_after:.6g}")
     scales = {n: p.detach().to("cpu", torch.float32).clone() for n, p in student.scales.items()}
     return DistillResult(scales, loss_before, loss_after, curve)
@@ -289,6 +321,7 @@ def distill_plan(plan: Plan, device: torch.device, state: RunState, log: Callabl
         "tensors": len(result.scales),
         "loss_before": result.loss_before,
         "loss_after": result.loss_after,
+        "scales_kept": result.kept,  # "initial": the learned scales raised the loss and were not used
         "loss_eval": f"mean logit MSE on the first {len(evaluate)} calibration batch(es), initial vs learned scales",
         "train_loss_first": curve[0], "train_loss_last": curve[-1],
         "device": str(device),

@@ -144,6 +144,10 @@ class CodecEdit(EditConfig):
     def applies_to(self, name: str, shape: tuple[int, ...]) -> bool:
         return len(shape) >= 1 and super().applies_to(name, shape)
 
+    def per_row(self) -> bool:
+        """True when the codec keeps one scale per row of the stored matrix (its last axis = inputs)."""
+        return False
+
     def part_specs(self, shape: tuple[int, ...], run: object = None) -> dict[str, tuple[str, tuple[int, ...]]]:
         raise NotImplementedError
 

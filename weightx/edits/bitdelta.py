@@ -21,9 +21,10 @@ means +), LSB first along the last dimension; `W.scale` float32 [b] (group tenso
 [b, *shape[:-1]] (group row). The dense output is base + decode(encode(δ)), literally, so it equals
 a reconstruction from the artifact bit for bit.
 
-By default only the 2-D weights of the attention and MLP projections are compressed (the reference
-replaces children named `*proj*` of `self_attn` / `mlp` modules); embeddings, lm_head and norms keep
-their fine-tuned values. `include` / `exclude` override this.
+By default the 2-D weights of the attention and MLP projections are compressed (the reference
+replaces children named `*proj*` of `self_attn` / `mlp` modules), and likewise Mixtral's experts and
+GPT-2's Conv1D layers; embeddings, lm_head, norms and routers keep their fine-tuned values.
+`include` / `exclude` override this; `weightx plan` prints the share of matrix parameters compressed.
 """
 
 from __future__ import annotations
@@ -40,8 +41,10 @@ __all__ = ["BitDelta", "Distill", "LINEAR_PROJ", "binarize", "debinarize", "deco
 
 PAPER = "https://arxiv.org/abs/2402.10193"
 
-# Linear layers of attention and MLP blocks (Llama, Mistral, Qwen2, Phi-3, ...).
-LINEAR_PROJ = ("*self_attn.*proj*.weight", "*mlp.*proj*.weight")
+# Linear layers of attention and MLP blocks (Llama, Mistral, Qwen2, Phi-3, Qwen-MoE and DeepSeek
+# experts, ...), Mixtral's per-expert w1/w2/w3, GPT-2's Conv1D c_attn/c_proj/c_fc.
+LINEAR_PROJ = ("*self_attn.*proj*.weight", "*mlp.*proj*.weight", "*block_sparse_moe.experts.*.weight",
+               "*attn.c_attn.weight", "*attn.c_proj.weight", "*mlp.c_fc.weight")
 
 
 class Distill(BaseModel):
@@ -69,6 +72,9 @@ class BitDelta(CodecEdit):
 
     def prepass(self) -> Prepass | None:
         return "distill" if self.distill is not None else None
+
+    def per_row(self) -> bool:
+        return self.group == "row"
 
     def part_specs(self, shape: tuple[int, ...], run: object = None) -> dict[str, tuple[str, tuple[int, ...]]]:
         return part_specs(shape, self.bits, self.group)

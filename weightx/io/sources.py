@@ -250,3 +250,14 @@ def resolve(alias: str, spec: str, base_dir: Path | None = None, allow_pickle: b
             raise type(e)(f"{e} (there is no folder at {path.absolute()} either: relative paths are taken from the recipe's folder)") from None
     where = f" (looked for {path.absolute()}: relative paths are taken from the recipe's folder)" if not Path(os.path.expanduser(spec)).is_absolute() else ""
     raise InputNotFoundError(f"models.{alias}: {spec!r} does not exist{where}; give a local folder, a .safetensors file or a Hub id org/name[@revision]")
+
+
+def model_type(src: Source) -> str | None:
+    """config.json's model_type of a source, or None (no config, or not readable)."""
+    if not src.has_config:
+        return None
+    try:
+        doc = json.loads(read_regular(src.root / "config.json").decode("utf-8"))
+    except (InputError, OSError, ValueError, RecursionError):
+        return None
+    return doc["model_type"] if isinstance(doc, dict) and isinstance(doc.get("model_type"), str) else None

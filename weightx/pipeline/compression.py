@@ -15,9 +15,9 @@ from weightx.edits.base import CodecEdit, Prepass
 from weightx.errors import InputError
 from weightx.io.artifact import base_mismatch
 from weightx.io.safetensors import OutTensor
-from weightx.io.sources import Source
+from weightx.io.sources import Source, model_type
 from weightx.pipeline.distill import plan_distill
-from weightx.pipeline.plan import Plan, TensorPlan, human_bytes
+from weightx.pipeline.plan import CONV1D_MODELS, VOCAB_NAMES, Plan, TensorPlan, human_bytes
 from weightx.pipeline.sparse_output import plan_sparse, render_sparse
 from weightx.recipe.model import Recipe
 
@@ -85,6 +85,9 @@ def plan_compression(recipe: Recipe, sources: dict[str, Source], tensors: list[T
 
     edits = [e for d in recipe.deltas for e in d.edits]
     compressing = [e for e in edits if e.compresses]
+    if any(e.per_row() for e in compressing) and model_type(sources[recipe.config_from]) in CONV1D_MODELS:
+        problems.append("bitdelta group: row takes one scale per output row, but this model's Conv1D layers store outputs as"
+                        " columns; use group: tensor")
     result = Compression(problems, notes, list(tensors))
     if any(e.prepass() == "global_statistics" for e in edits):
         problems += last_edit_problems(recipe, tensors, "global_statistics", "ternary with scope: global")
@@ -164,10 +167,21 @@ def compression_summary(plan: Plan) -> dict:
     }
 
 
+def matrix_share(plan: Plan) -> tuple[int, int]:
+    """(parameters compressed, parameters of all weight matrices): ≥ 2-D floating tensors other than
+    embeddings and lm_head, which compression leaves whole on purpose."""
+    total = sum(t.numel for t in plan.tensors if t.edit and len(t.shape) >= 2 and not VOCAB_NAMES.search(t.name))
+    done = sum(t.numel for t in plan.tensors if t.codec is not None and not VOCAB_NAMES.search(t.name))
+    return done, total
+
+
 def render_compression(plan: Plan) -> list[str]:
     if plan.recipe.output.format != "delta" or not any(t.codec is not None for t in plan.tensors):
         return render_sparse(plan)
     s = compression_summary(plan)
+    done, total = matrix_share(plan)
+    share = [f"covers {100 * done / total:.1f}% of the model's matrix parameters (all ≥ 2-D weights but embeddings"
+             " and lm_head)" + (": below 90 %, check the edit's include patterns" if done < 0.9 * total else "")] if total else []
     ops = ", ".join(f"{op} on {n}" for op, n in s["ops"].items())
     return [
         f"compressed: {ops} tensor(s), {s['compressed_parameters']:,} parameters -> {human_bytes(s['compressed_bytes'])}"
@@ -176,6 +190,6 @@ def render_compression(plan: Plan) -> list[str]:
         f" (the fine-tuned values: embeddings, lm_head, norms unless included)",
         f"artifact: {human_bytes(s['artifact_bytes'])} = 1/{s['ratio']:.2f} of the model's dense bf16 delta"
         f" ({human_bytes(s['dense_bf16_delta_bytes'])})",
-    ]
+    ] + share
 
 

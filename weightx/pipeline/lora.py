@@ -33,16 +33,13 @@ from weightx.errors import UsageError
 from weightx.io.safetensors import DTYPES, OutTensor, ShardWriter, itemsize, write_spooled
 from weightx.kernels.lowrank import randomized_svd, truncated_svd
 from weightx.pipeline.compute import Inputs, TensorComputer, TensorStats
-from weightx.pipeline.plan import VOCAB_NAMES, Plan, TensorPlan, human_bytes
+from weightx.pipeline.plan import CONV1D_MODELS, VOCAB_NAMES, Plan, TensorPlan, human_bytes
 from weightx.pipeline.state import RunState
 from weightx.recipe.model import Recipe
 
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 PREFIX = "base_model.model."  # PEFT's key prefix for a PeftModel's base model
-# Architectures whose linear layers are transformers' Conv1D ([in, out] weights): a LoRA of them
-# would need fan_in_fan_out, which this writer does not produce.
-CONV1D_MODELS = ("gpt2", "gpt_bigcode", "openai-gpt", "imagegpt")
 
 
 EMBEDDINGS = re.compile(r"(embed_tokens|wte|word_embeddings|embed_in)\.weight$")

@@ -19,6 +19,8 @@ from weightx.io.safetensors import OutTensor
 from weightx.io.sources import Source
 from weightx.recipe.model import DeltaSpec, Recipe
 
+# Architectures whose linear layers are transformers' Conv1D: weights stored [in, out].
+CONV1D_MODELS = ("gpt2", "gpt_bigcode", "openai-gpt", "imagegpt")
 VOCAB_NAMES = re.compile(r"(embed_tokens|lm_head|wte|word_embeddings|embed_in|embed_out|output\.weight$)")
 
 
@@ -153,4 +155,4 @@ def human_bytes(n: float) -> str:
     return f"{n} B"
 
 
-__all__ = ["Plan", "TensorPlan", "ShardPlan", "split_shards", "shard_names", "natural_key", "human_bytes", "VOCAB_NAMES"]
+__all__ = ["Plan", "TensorPlan", "ShardPlan", "split_shards", "shard_names", "natural_key", "human_bytes", "VOCAB_NAMES", "CONV1D_MODELS"]

@@ -18,7 +18,7 @@ from weightx.io.quantized import fp8_scales, quantization_problem, scale_problem
 from weightx.io.output import CONFIG_FILES
 from weightx.edits.base import matches
 from weightx.io.safetensors import DTYPE_NAMES, TORCH_DTYPES
-from weightx.io.sources import Source, resolve
+from weightx.io.sources import Source, model_type, resolve
 from weightx.pipeline.compression import plan_compression, render_compression
 from weightx.pipeline.lora import ADAPTER_FILE, plan_lora, render_lora
 from weightx.pipeline.plan import VOCAB_NAMES, Plan, ShardPlan, TensorPlan, human_bytes, natural_key, split_shards
@@ -280,17 +280,6 @@ def _main_dtype(src: Source) -> str | None:
         if info.is_float:
             counts[info.dtype] = counts.get(info.dtype, 0) + info.numel
     return max(counts, key=counts.get) if counts else None
-
-
-def model_type(src: Source) -> str | None:
-    """config.json's model_type of a source, or None (no config, or not readable)."""
-    if not src.has_config or config_problem(src.root) is not None:
-        return None
-    try:
-        doc = json.loads(read_regular(src.root / "config.json").decode("utf-8"))
-    except (InputError, OSError, ValueError):
-        return None
-    return doc.get("model_type") if isinstance(doc.get("model_type"), str) else None
 
 
 def _resolved_values(plan: Plan, label: str) -> list[float]:

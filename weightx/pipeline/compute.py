@@ -181,7 +181,38 @@ class TensorComputer:
     def load(self, src: Source, t: TensorPlan, start: int, count: int,
              out: torch.Tensor | None = None) -> torch.Tensor:
         """Block [start, start+count) of input `src` as float32: a fresh tensor, or `out` filled."""
+        if t.rows is not None:  # rows aligned by token (`weightx.pipeline.vocab`)
+            x = self._aligned(src, t, start, count)
+            return x if out is None else out.copy_(x)
         return self.inputs.read(src, t.name, start, count, self.device, out)
+
+    def _rows(self, src: Source, t: TensorPlan, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, present) of output elements [start, start+count) gathered from src's rows of the same token."""
+        cols = t.shape[1]
+        idx = torch.arange(start, start + count)
+        row = t.rows[src.alias][idx // cols]
+        present = row >= 0
+        mf, info = self.inputs.get(src, t.name)
+        flat = mf.view(info, 0, info.numel)
+        values = flat[row.clamp(min=0) * cols + idx % cols].to(torch.float32)
+        return values.to(self.device), present.to(self.device)
+
+    def _aligned(self, src: Source, t: TensorPlan, start: int, count: int) -> torch.Tensor:
+        """An input's block on the output's rows: the base's rows of tokens it lacks are the mean of the
+        deltas' rows that have them (0 where none does); a delta's rows it lacks are the base's (δ = 0)."""
+        x, present = self._rows(src, t, start, count)
+        if bool(present.all()):
+            return x
+        if src is self.plan.base:
+            total = torch.zeros_like(x)
+            n = torch.zeros_like(x)
+            for _, s in {id(s): (None, s) for _, s in self.plan.deltas}.values():
+                v, ok = self._rows(s, t, start, count)
+                total += torch.where(ok, v, torch.zeros_like(v))
+                n += ok.to(x.dtype)
+            fill = torch.where(n > 0, total / n.clamp(min=1), torch.zeros_like(total))
+            return torch.where(present, x, fill)
+        return torch.where(present, x, self._aligned(self.plan.base, t, start, count))
 
     def delta(self, i: int, t: TensorPlan, start: int, count: int, base: torch.Tensor | None, copy: bool = True,
               out: torch.Tensor | None = None) -> torch.Tensor:

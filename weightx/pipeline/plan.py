@@ -44,6 +44,9 @@ class TensorPlan:
     # and combine; None: the recipe's own.
     weights: tuple[float, ...] | None = None
     combine: CombineConfig | None = None
+    # Vocabulary alignment (`weightx.pipeline.vocab`): per input alias, output row → its row of the
+    # same token, or −1; None: every input has the output's rows.
+    rows: dict | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def numel(self) -> int:
@@ -79,6 +82,7 @@ class Plan:
     notes: tuple[str, ...] = ()
     distill_data: Path | None = None  # BitDelta distillation's calibration file, resolved
     recipe_dir: Path | None = None  # the recipe file's folder: relative paths are taken (and recorded) from it
+    vocab: object = None  # the aligned vocabulary (`weightx.pipeline.vocab.VocabPlan`) of a `tokenizer:` block
 
     def with_tensors(self, tensors: list[TensorPlan]) -> Plan:
         """A new plan with these tensor entries and the shard layout they give."""

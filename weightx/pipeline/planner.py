@@ -21,6 +21,7 @@ from weightx.io.safetensors import DTYPE_NAMES, TORCH_DTYPES
 from weightx.io.sources import Source, model_type, resolve
 from weightx.pipeline.compression import plan_compression, render_compression
 from weightx.pipeline.lora import ADAPTER_FILE, plan_lora, render_lora
+from weightx.pipeline.vocab import plan_vocab, row_maps
 from weightx.pipeline.plan import VOCAB_NAMES, Plan, ShardPlan, TensorPlan, human_bytes, natural_key, split_shards
 from weightx.recipe.model import Recipe
 from weightx.recipe.varying import layer_positions
@@ -124,6 +125,11 @@ def build_plan(recipe: Recipe, output: str | Path | None = None, recipe_dir: Pat
     # Transplanted deltas (`deltas.i.base`): their own bases must match names and shapes too.
     own_bases = [(a, sources[a]) for a in dict.fromkeys(d.base for d in recipe.deltas if d.base and d.base != recipe.base)]
     forced = recipe.output.dtype
+    more, vocab_notes, vocab = plan_vocab(recipe, sources)
+    if more:
+        raise PlanError(more)
+    notes += vocab_notes
+    aligned = list(dict.fromkeys([recipe.base] + [d.model for d in recipe.deltas]))
     tensors: list[TensorPlan] = []
     positions = layer_positions(cfg.weight_map) if recipe.varying else {}
     missing: dict[str, list[str]] = {}
@@ -134,6 +140,14 @@ def build_plan(recipe: Recipe, output: str | Path | None = None, recipe_dir: Pat
         if not info.is_float:
             tensors.append(TensorPlan(name, info.shape, info.dtype, edit=False))
             continue
+        rows = None
+        if vocab is not None and VOCAB_NAMES.search(name) and len(info.shape) == 2:
+            have = [(a, sources[a]) for a in aligned if name in sources[a].weight_map]
+            wrong = [a for a, s in have if s.info(name).shape[1:] != info.shape[1:]]
+            if len(have) == len(aligned) and not wrong:
+                total, maps = row_maps(vocab, aligned, [s.info(name).shape[0] for _, s in have])
+                rows = dict(zip(aligned, maps))
+                info = dataclasses.replace(info, shape=(total, info.shape[1]))
         ok = True
         for alias, src in [(recipe.base, base)] + [(d.model, s) for d, s in deltas] + own_bases:
             if name not in src.weight_map:
@@ -141,11 +155,14 @@ def build_plan(recipe: Recipe, output: str | Path | None = None, recipe_dir: Pat
                 ok = False
                 continue
             other = src.info(name)
-            if other.shape != info.shape:
+            if rows is not None:
+                pass  # rows aligned by token; the hidden size was checked above
+            elif other.shape != info.shape:
                 if VOCAB_NAMES.search(name) and other.shape[1:] == info.shape[1:] and other.shape[:1] != info.shape[:1]:
                     problems.append(
                         f"vocab-size mismatch: {name!r} has {other.shape[0]} rows in '{alias}' but {info.shape[0]} in"
-                        f" '{recipe.config_from}'; the models use different vocabularies (resize one to match first)"
+                        f" '{recipe.config_from}'; the models use different vocabularies: add `tokenizer: {{source: union}}` (or base, or a"
+                        " model's alias) to align the rows by token"
                     )
                 else:
                     problems.append(f"shape mismatch for {name!r}: {list(other.shape)} in '{alias}' vs {list(info.shape)} in '{recipe.config_from}'")
@@ -174,7 +191,7 @@ def build_plan(recipe: Recipe, output: str | Path | None = None, recipe_dir: Pat
                 continue
         edits = tuple(tuple(e for e in es if e.applies_to(name, info.shape)) for es in all_edits)
         elementwise = (combine or recipe.combine).elementwise and all(e.elementwise for es in edits for e in es)
-        tensors.append(TensorPlan(name, info.shape, out_dtype, True, edits, elementwise, weights=weights, combine=combine))
+        tensors.append(TensorPlan(name, info.shape, out_dtype, True, edits, elementwise, weights=weights, combine=combine, rows=rows))
 
     for alias, names in missing.items():
         src = sources[alias]
@@ -232,7 +249,7 @@ def build_plan(recipe: Recipe, output: str | Path | None = None, recipe_dir: Pat
         raise PlanError(problems)
     shards = ((ShardPlan(ADAPTER_FILE, tuple(tensors)),) if recipe.output.format == "lora"
               else tuple(split_shards(tensors, recipe.output.shard_bytes)))
-    return Plan(recipe, sources, out_path, tuple(tensors), shards, tuple(notes), distill_data, recipe_dir)
+    return Plan(recipe, sources, out_path, tuple(tensors), shards, tuple(notes), distill_data, recipe_dir, vocab=vocab)
 
 
 def _quantized_inputs(sources: dict[str, Source], notes: list[str]) -> list[str]:

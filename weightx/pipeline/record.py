@@ -15,6 +15,7 @@ from weightx.version import __version__
 from weightx.errors import InputError
 from weightx.formats import ENCODING, VERSION
 from weightx.io.artifact import base_mismatch
+from weightx.pipeline.vocab import write_tokenizer
 from weightx.io.output import copy_config, write_json
 from weightx.io.safetensors import DTYPES
 from weightx.pipeline.compression import compression_summary
@@ -78,6 +79,9 @@ def write_record(plan: Plan, tmp: Path, stats: dict[str, TensorStats], hashes: d
     lora = r.output.format == "lora"  # a PEFT folder: no model config or index (transformers would take it for a model)
     if plan.config_source.has_config and not lora:
         copy_config(plan.config_source.root, tmp, cfg_dtype, ("quantization_config",) if plan.config_source.fp8 else ())
+    aligned = [t for t in plan.tensors if t.rows is not None]
+    if plan.vocab is not None and plan.config_source.has_config and not lora and aligned:
+        write_tokenizer(plan.vocab, plan.sources, r, tmp, aligned[0].shape[0])
     if not lora:
         weight_map = {o.name: s.filename for s in plan.shards for t in s.tensors for o in t.outs}
         write_json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": plan.total_size}, "weight_map": dict(sorted(weight_map.items()))})
@@ -101,6 +105,10 @@ def write_record(plan: Plan, tmp: Path, stats: dict[str, TensorStats], hashes: d
         "seconds": round(seconds, 3),
         "tensors": {k: v.as_dict() for k, v in sorted(stats.items())},
     }
+    if plan.vocab is not None:
+        v = plan.vocab
+        doc["tokenizer"] = {"source": v.source, "tokens": len(v.tokens), "added": list(v.added[:100]),
+                            "rows": {t.name: t.shape[0] for t in aligned}}
     verify_bases(plan, hashes)
     if r.output.format == "delta":
         doc["delta"] = delta_record(plan, doc["inputs"], stats, state)

@@ -252,6 +252,13 @@ class PushSpec(_Strict):
         return v
 
 
+class TokenizerSpec(_Strict):
+    """The output vocabulary (DESIGN.md "Vocabulary alignment"): `base`, `union` (the base's tokens,
+    then every token a delta's model adds), or a model alias (that model's vocabulary)."""
+
+    source: str = "base"
+
+
 class Recipe(_Strict):
     """A weightx recipe. `Recipe.load(path)` reads YAML; `weightx.apply(recipe)` runs it."""
 
@@ -263,6 +270,7 @@ class Recipe(_Strict):
     output: OutputSpec = Field(default_factory=OutputSpec)
     validate_: ValidateSpec | None = Field(default=None, alias="validate")
     push: PushSpec | None = None
+    tokenizer: TokenizerSpec | None = None  # None: every model must have the base's embedding rows
     # Pickle checkpoints (.bin/.pt) are refused unless this is true; then they are read with
     # torch.load(weights_only=True), which builds tensors only and never runs code from the file.
     allow_pickle: bool = False
@@ -395,6 +403,9 @@ def reference_problems(data: Any) -> list[tuple[str, str]]:
     output = data.get("output")
     if isinstance(output, dict):
         check("output.config_from", output.get("config_from"))
+    tok = data.get("tokenizer")
+    if isinstance(tok, dict) and tok.get("source") not in (None, "base", "union"):
+        check("tokenizer.source", tok.get("source"))
     validate = data.get("validate")
     if isinstance(validate, dict) and isinstance(validate.get("compare"), list):
         for i, a in enumerate(validate["compare"]):

@@ -49,7 +49,6 @@ def test_dare_ties_is_dare_with_l1_rescale_then_ties_sum(merge_family):
     ({"merge_method": "karcher", "models": [{"model": "a"}]}, "not a method weightx runs"),
     ({"merge_method": "ties", "models": [{"model": "a"}, {"model": "b"}]}, "set base_model"),
     ({"merge_method": "linear", "models": [{"model": "a+lora"}, {"model": "b"}]}, "LoRA"),
-    ({"merge_method": "linear", "models": [{"model": "a"}, {"model": "b"}], "tokenizer_source": "union"}, "union"),
     ({"merge_method": "linear", "models": [{"model": "a"}, {"model": "b"}], "frobnicate": 1}, "unknown mergekit key"),
     ({"merge_method": [1, 2], "models": [{"model": "a"}]}, "expected a method name"),
     ({"merge_method": "ties", "base_model": "b", "parameters": 3, "models": [{"model": "a"}]}, "parameters is a mapping"),
@@ -99,3 +98,9 @@ def test_relative_paths_are_read_from_the_working_directory(merge_family, tmp_pa
     native, _ = from_mergekit({"merge_method": "linear", "models": [{"model": "org/not-here"}, {"model": "org2/not-here"}]})
     assert set(native["models"].values()) == {"org/not-here", "org2/not-here"}  # Hub ids stay ids
     assert len(native["models"]) == 2  # two models with the same basename get two aliases
+
+
+def test_tokenizer_source_union_becomes_a_tokenizer_block():
+    recipe, notes = from_mergekit({"merge_method": "ties", "base_model": "b", "tokenizer_source": "union",
+                                   "models": [{"model": "a", "parameters": {"weight": 1, "density": 0.5}}]})
+    assert recipe["tokenizer"] == {"source": "union"} and any("aligned by token" in n for n in notes)

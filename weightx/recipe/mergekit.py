@@ -264,8 +264,10 @@ def from_mergekit(config: dict, cwd: Path | None = None, name: str | None = None
         tok = config["tokenizer"].get("source")
     if tok in (None, "base"):
         out["config_from"] = base  # mergekit copies the base model's tokenizer and config
-    elif tok == "union":
-        problems.append(("tokenizer_source", "union: vocabulary alignment is not supported yet; use base or one model"))
+    elif tok == "union":  # rows aligned by token; config and tokenizer files from the base, then the union's
+        out["config_from"] = base
+        notes.append("tokenizer_source union: rows are aligned by token (weightx's rule: a token the base lacks starts"
+                     " from the mean of the rows of the models that have it; a model without a token adds no delta to it)")
     else:
         out["config_from"] = alias_of(_model_ref({"model": tok}, "tokenizer_source"))
     if config.get("chat_template"):
@@ -274,4 +276,6 @@ def from_mergekit(config: dict, cwd: Path | None = None, name: str | None = None
         raise RecipeError("mergekit config", problems)
     recipe: dict[str, Any] = {"name": name or config.get("name") or f"{method} merge", "models": sources, "base": base,
                               "deltas": deltas, "combine": combine, "output": out}
+    if tok == "union":
+        recipe["tokenizer"] = {"source": "union"}
     return recipe, notes

@@ -202,3 +202,15 @@ def test_distill_on_an_moe_model_is_refused_at_plan_time(tmp_path, calibration):
     with pytest.raises(PlanError) as e:
         api.plan(r)
     assert len(e.value.problems) == 1 and "names" in e.value.problems[0] and "remove distill" in e.value.problems[0]
+
+
+def test_a_tokenizer_larger_than_the_model_is_one_line(family, tmp_path, calibration):
+    """A config source whose tokenizer gives ids past the model's embedding rows: one line, not an IndexError."""
+    from weightx.errors import InputError
+    from weightx.testing import build_tokenizer, make_tiny_llama
+
+    build_tokenizer(tmp_path / "tok", vocab_size=512)
+    small = make_tiny_llama(tmp_path / "small", vocab=300, tokenizer_dir=tmp_path / "tok")
+    tuned = make_tiny_llama(tmp_path / "small-ft", init_from=small, noise=0.05, seed=2)
+    with pytest.raises(InputError, match="embedding rows; set output.config_from"):
+        api.apply(recipe(small, tuned, tmp_path / "o", {"data": str(calibration), **SHORT}))

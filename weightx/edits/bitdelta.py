@@ -44,7 +44,10 @@ PAPER = "https://arxiv.org/abs/2402.10193"
 # Linear layers of attention and MLP blocks (Llama, Mistral, Qwen2, Phi-3, Qwen-MoE and DeepSeek
 # experts, ...), Mixtral's per-expert w1/w2/w3, GPT-2's Conv1D c_attn/c_proj/c_fc.
 LINEAR_PROJ = ("*self_attn.*proj*.weight", "*mlp.*proj*.weight", "*block_sparse_moe.experts.*.weight",
-               "*attn.c_attn.weight", "*attn.c_proj.weight", "*mlp.c_fc.weight")
+               "*attn.c_attn.weight", "*attn.c_proj.weight", "*mlp.c_fc.weight",
+               "*mlp.experts.gate_up_proj", "*mlp.experts.down_proj",  # GPT-OSS: stacked [experts, in, out]
+               "*mlp.fc1.weight", "*mlp.fc2.weight", "*attn.qkv.weight", "*attn.proj.weight",  # vision towers (CLIP, Qwen2-VL)
+               "*multi_modal_projector.*.weight", "*merger.mlp.*.weight")
 
 
 class Distill(BaseModel):

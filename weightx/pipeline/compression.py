@@ -8,6 +8,7 @@ make a compressing recipe meaningful. Sizes for `weightx plan` come from here to
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from weightx.io.artifact import base_mismatch
 from weightx.io.safetensors import OutTensor
 from weightx.io.sources import Source, model_type
 from weightx.pipeline.distill import plan_distill
-from weightx.pipeline.plan import CONV1D_MODELS, VOCAB_NAMES, Plan, TensorPlan, human_bytes
+from weightx.pipeline.plan import COLUMN_MODELS, VOCAB_NAMES, Plan, TensorPlan, human_bytes
 from weightx.pipeline.sparse_output import plan_sparse, render_sparse
 from weightx.recipe.model import Recipe
 
@@ -85,9 +86,9 @@ def plan_compression(recipe: Recipe, sources: dict[str, Source], tensors: list[T
 
     edits = [e for d in recipe.deltas for e in d.edits]
     compressing = [e for e in edits if e.compresses]
-    if any(e.per_row() for e in compressing) and model_type(sources[recipe.config_from]) in CONV1D_MODELS:
-        problems.append("bitdelta group: row takes one scale per output row, but this model's Conv1D layers store outputs as"
-                        " columns; use group: tensor")
+    if any(e.per_row() for e in compressing) and model_type(sources[recipe.config_from]) in COLUMN_MODELS:
+        problems.append("bitdelta group: row takes one scale per output row, but this model's Conv1D layers (or stacked"
+                        " experts) store outputs as columns; use group: tensor")
     result = Compression(problems, notes, list(tensors))
     if any(e.prepass() == "global_statistics" for e in edits):
         problems += last_edit_problems(recipe, tensors, "global_statistics", "ternary with scope: global")
@@ -167,11 +168,17 @@ def compression_summary(plan: Plan) -> dict:
     }
 
 
+NOT_LAYERS = re.compile(r"(embed|wpe|position|router|\.gate\.weight$|_gate\.weight$)")  # embeddings and MoE routers
+
+
 def matrix_share(plan: Plan) -> tuple[int, int]:
-    """(parameters compressed, parameters of all weight matrices): ≥ 2-D floating tensors other than
-    embeddings and lm_head, which compression leaves whole on purpose."""
-    total = sum(t.numel for t in plan.tensors if t.edit and len(t.shape) >= 2 and not VOCAB_NAMES.search(t.name))
-    done = sum(t.numel for t in plan.tensors if t.codec is not None and not VOCAB_NAMES.search(t.name))
+    """(parameters compressed, parameters of all layer weights): 2-D and 3-D (stacked experts) floating
+    tensors other than embeddings, lm_head and routers, which compression leaves whole on purpose."""
+    def layer(t: TensorPlan) -> bool:
+        return len(t.shape) in (2, 3) and not VOCAB_NAMES.search(t.name) and not NOT_LAYERS.search(t.name)
+
+    total = sum(t.numel for t in plan.tensors if t.edit and layer(t))
+    done = sum(t.numel for t in plan.tensors if t.codec is not None and layer(t))
     return done, total
 
 

@@ -87,19 +87,32 @@ def plan_distill(recipe: Recipe, sources: dict[str, Source], edits: list[BitDelt
     return problems, data_path
 
 
+def meta_model(cfg: Source) -> tuple[torch.nn.Module | None, str | None]:
+    """transformers' model for a config (causal LM, else image-text-to-text), built on the meta device
+    (no memory): (model, None), or (None, why it cannot be built)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText  # heavy: only when needed
+
+    try:
+        config = AutoConfig.from_pretrained(cfg.root)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return None, " ".join(str(e).split())[:120]
+    why = ""
+    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
+        try:
+            with torch.device("meta"):
+                return auto.from_config(config), None
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            why = " ".join(str(e).split())[:120]
+    return None, why
+
+
 def memory_names_problem(alias: str, cfg: Source, names: list[str]) -> str | None:
     """Distillation loads the checkpoint's tensors into transformers' model by name: one line when the
     model class (built on the meta device, no memory) cannot be built or names some tensors otherwise
     (transformers 5 fuses MoE experts in memory; vision-language models move their language model)."""
-    from transformers import AutoConfig, AutoModelForCausalLM  # heavy: only for recipes that distill
-
-    try:
-        config = AutoConfig.from_pretrained(cfg.root)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        return (f"bitdelta distill runs '{alias}' as transformers' AutoModelForCausalLM, which cannot build it"
-                f" ({' '.join(str(e).split())[:120]}); remove distill")
+    model, why = meta_model(cfg)
+    if model is None:
+        return f"bitdelta distill runs '{alias}' with transformers, which cannot build it ({why}); remove distill"
     known = set(model.state_dict())
     unknown = [n for n in names if n not in known]
     if unknown:
@@ -301,6 +314,11 @@ def distill_plan(plan: Plan, device: torch.device, state: RunState, log: Callabl
     tokenizer = AutoTokenizer.from_pretrained(plan.config_source.root)
     windows = calibration_windows(text, tokenizer, cfg.max_length)
     teacher, student = build_models(plan, edit, device)
+    rows = teacher.get_input_embeddings().weight.shape[0]
+    top = max(max(w) for w in windows)
+    if top >= rows:  # the embedding lookup would fail deep inside the model
+        raise InputError(f"bitdelta distill: the tokenizer of '{plan.recipe.config_from}' gives token id {top}, but the model has"
+                         f" {rows} embedding rows; set output.config_from to the model whose tokenizer matches")
     if not student.scales:
         raise InputError("bitdelta distill: the edit compresses no tensor, so there is nothing to distill")
     train = batches(windows, cfg.batch_size, cfg.steps, device)

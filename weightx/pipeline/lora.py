@@ -32,7 +32,9 @@ import torch
 from weightx.errors import UsageError
 from weightx.io.safetensors import DTYPES, OutTensor, ShardWriter, itemsize, write_spooled
 from weightx.kernels.lowrank import randomized_svd, truncated_svd
+from weightx.io.sources import Source
 from weightx.pipeline.compute import Inputs, TensorComputer, TensorStats
+from weightx.pipeline.distill import meta_model
 from weightx.pipeline.plan import CONV1D_MODELS, VOCAB_NAMES, Plan, TensorPlan, human_bytes
 from weightx.pipeline.state import RunState
 from weightx.recipe.model import Recipe
@@ -78,10 +80,25 @@ def factor_parts(t: TensorPlan, r: int) -> tuple[OutTensor, OutTensor]:
     return OutTensor(f"{PREFIX}{m}.lora_A.weight", t.out_dtype, (r, inp)), OutTensor(f"{PREFIX}{m}.lora_B.weight", t.out_dtype, (out, r))
 
 
-def plan_lora(recipe: Recipe, config_model_type: str | None, tensors: list[TensorPlan]) -> tuple[list[str], list[str], list[TensorPlan]]:
+def plan_lora(recipe: Recipe, config_model_type: str | None, tensors: list[TensorPlan],
+              cfg: Source | None = None) -> tuple[list[str], list[str], list[TensorPlan]]:
     """(problems, notes, tensors): each target planned with its factors at the largest rank it may
-    take (the size `plan` prints is an upper bound when ranks follow energy)."""
+    take (the size `plan` prints is an upper bound when ranks follow energy). With `cfg` (the config
+    model), the targets are checked against the modules transformers builds for it: PEFT attaches
+    the adapter to those by name."""
     problems, notes = [], []
+    if cfg is not None and cfg.has_config and config_model_type not in CONV1D_MODELS:
+        model, why = meta_model(cfg)
+        names = {n: type(m).__name__ for n, m in model.named_modules()} if model is not None else {}
+        wanted = [module_of(t.name) for t in tensors if is_target(t, recipe)]
+        off = [m for m in wanted if names.get(m) not in ("Linear", "Embedding")]
+        if model is None:
+            problems.append(f"output.format: lora: transformers cannot build '{recipe.config_from}' to check the adapter's"
+                            f" modules ({why}); use format: dense or delta")
+        elif off:
+            problems.append(f"output.format: lora: {len(off)} of the {len(wanted)} matrices are not linear layers of the model"
+                            f" transformers builds (e.g. {off[0]}: fused MoE experts or a moved language model), so PEFT could"
+                            " not attach them; use format: dense or delta for this architecture")
     if config_model_type in CONV1D_MODELS:
         problems.append(f"output.format: lora: {config_model_type} stores its linear layers as Conv1D ([in, out]), which this"
                         " LoRA writer does not support; use format: dense or delta")

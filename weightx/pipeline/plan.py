@@ -21,6 +21,8 @@ from weightx.recipe.model import DeltaSpec, Recipe
 
 # Architectures whose linear layers are transformers' Conv1D: weights stored [in, out].
 CONV1D_MODELS = ("gpt2", "gpt_bigcode", "openai-gpt", "imagegpt")
+# Models with matrices stored [in, out] (Conv1D, GPT-OSS's stacked experts): per-row scales would be per input.
+COLUMN_MODELS = CONV1D_MODELS + ("gpt_oss",)
 VOCAB_NAMES = re.compile(r"(embed_tokens|lm_head|wte|word_embeddings|embed_in|embed_out|output\.weight$)")
 
 
@@ -159,4 +161,4 @@ def human_bytes(n: float) -> str:
     return f"{n} B"
 
 
-__all__ = ["Plan", "TensorPlan", "ShardPlan", "split_shards", "shard_names", "natural_key", "human_bytes", "VOCAB_NAMES", "CONV1D_MODELS"]
+__all__ = ["Plan", "TensorPlan", "ShardPlan", "split_shards", "shard_names", "natural_key", "human_bytes", "VOCAB_NAMES", "CONV1D_MODELS", "COLUMN_MODELS"]

@@ -209,7 +209,7 @@ def build_plan(recipe: Recipe, output: str | Path | None = None, recipe_dir: Pat
         notes += planned.notes
         tensors, distill_data = planned.tensors, planned.distill_data
     if not problems and recipe.output.format == "lora":
-        more, lora_notes, tensors = plan_lora(recipe, model_type(cfg), tensors)
+        more, lora_notes, tensors = plan_lora(recipe, model_type(cfg), tensors, cfg)
         problems += more
         notes += lora_notes
     for alias, src in sources.items():

@@ -168,7 +168,7 @@ def compression_summary(plan: Plan) -> dict:
     }
 
 
-NOT_LAYERS = re.compile(r"(embed|wpe|position|router|\.gate\.weight$|_gate\.weight$)")  # embeddings and MoE routers
+NOT_LAYERS = re.compile(r"(embed|wpe|position|router|bias|\.gate\.weight$|_gate\.weight$)")  # embeddings, biases, MoE routers
 
 
 def matrix_share(plan: Plan) -> tuple[int, int]:

@@ -87,7 +87,7 @@ def test_fp8_base_writes_bfloat16(family, tmp_path):
     assert out["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq", "bitsandbytes", "mxfp4"])
+@pytest.mark.parametrize("method", ["gptq", "awq", "bitsandbytes", "hqq"])
 def test_other_quantizations_are_refused_in_one_line(family, tmp_path, method):
     q = tmp_path / method
     shutil.copytree(family["dpo"], q)
@@ -115,3 +115,62 @@ def test_wrong_scale_shape_is_one_line(family, tmp_path):
     (tmp_path / "bad" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(PlanError, match="in blocks of \\[32, 32\\] needs"):
         weightx.plan(recipe(family["sft"], tmp_path / "bad", tmp_path / "o"))
+
+
+FP4 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def mxfp4_pack(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A GPT-OSS expert weight [E, in, out] as MXFP4 blocks [E, out, in/32, 16] and scales [E, out, in/32]
+    (transformers' layout: rows are outputs, 32 inputs per scale, low nibble first); and what it means."""
+    e, n_in, n_out = w.shape
+    rows = w.transpose(0, 2, 1).reshape(e, n_out, n_in // 32, 32)
+    exp = np.ceil(np.log2(np.maximum(np.abs(rows).max(-1), 1e-30) / 6.0)).astype(np.int32)
+    q = rows / np.exp2(exp)[..., None]
+    code = np.abs(q[..., None] - FP4[None, None, None, None, :8] * np.sign(q[..., None] + 1e-30)).argmin(-1)
+    code = np.where(q < 0, code + 8, code).astype(np.uint8)
+    blocks = (code[..., 0::2] | (code[..., 1::2] << 4)).astype(np.uint8)
+    scales = (exp + 127).astype(np.uint8)
+    meant = (FP4[code] * np.exp2(exp)[..., None]).reshape(e, n_out, n_in).transpose(0, 2, 1)
+    return blocks, scales, meant
+
+
+def test_mxfp4_experts_are_edited_dequantized(tmp_path):
+    """A GPT-OSS fine-tune whose experts ship as MXFP4: ExPO against the bf16 base uses the weights the
+    blocks stand for (an independent numpy decode of transformers' layout)."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(0)
+    cfg = GptOssConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                       num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, head_dim=16)
+    GptOssForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    base = load_state_dict(tmp_path / "base")
+    tuned = {k: (v.float() + 0.02 * torch.randn_like(v.float())).to(v.dtype) for k, v in base.items()}
+    meant, out_state = {}, {}
+    for k, v in tuned.items():
+        if k.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            blocks, scales, meant[k] = mxfp4_pack(v.double().numpy())
+            from transformers.integrations.mxfp4 import convert_moe_packed_tensors  # transformers' own decode agrees
+
+            theirs = convert_moe_packed_tensors(torch.from_numpy(blocks), torch.from_numpy(scales), dtype=torch.float32)
+            assert np.array_equal(theirs.double().numpy(), meant[k]), k
+            out_state[k + "_blocks"], out_state[k + "_scales"] = (torch.from_numpy(np.ascontiguousarray(x)) for x in (blocks, scales))
+        else:
+            out_state[k] = v
+    (tmp_path / "ft").mkdir()
+    save_file(out_state, str(tmp_path / "ft" / "model.safetensors"), metadata={"format": "pt"})
+    doc = json.loads((tmp_path / "base" / "config.json").read_text())
+    doc["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "router", "embed", "lm_head"]}
+    (tmp_path / "ft" / "config.json").write_text(json.dumps(doc))
+    r = recipe(tmp_path / "base", tmp_path / "ft", tmp_path / "out")
+    assert "holds 2 MXFP4 tensor(s)" in describe_plan(r)
+    res = weightx.apply(r)
+    out = load_state_dict(res.path)
+    assert not any(k.endswith(("_blocks", "_scales")) for k in out)
+    for k, deq in meant.items():
+        b = base[k].double().numpy()
+        exact = b + 1.3 * (deq - b)
+        ulp = np.exp2(np.floor(np.log2(np.maximum(np.abs(exact), 1e-30))) - 7)
+        assert out[k].shape == base[k].shape and np.all(np.abs(out[k].double().numpy() - exact) <= 0.5 * ulp + 1e-6), k
+    assert "quantization_config" not in json.loads((res.path / "config.json").read_text())
+

@@ -4,26 +4,29 @@ DeepSeek-V3 and Qwen3-FP8 ship each quantized weight `W` as float8_e4m3 plus `W_
 one per `weight_block_size` block, [⌈rows/bh⌉, ⌈cols/bw⌉]): the real weight is W · scale_inv,
 blockwise. `fp8_scales` finds those pairs (config.json's `quantization_config` says `quant_method:
 fp8`, or the pairs speak for themselves); the source then lists W as one logical tensor and hides the
-scales, and `dequantize` turns any flat range of W into float32. GPTQ, AWQ, bitsandbytes, MXFP4 and the
-rest store weights no arithmetic on their bytes can edit, so they are refused in one line naming the
-method (their config, or their tell-tale tensor names for a bare file).
+scales, and `dequantize` turns any flat range of W into float32. MXFP4 (GPT-OSS experts: `W_blocks` +
+`W_scales`) is read the same way, one expert at a time (`dequantize_mxfp4`, transformers' layout).
+GPTQ, AWQ, bitsandbytes and the rest store weights no arithmetic on their bytes can edit, so they are
+refused in one line naming the method (their config, or their tell-tale tensor names for a bare file).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import torch
 
 from weightx.errors import InputError
 from weightx.io.files import read_regular
+from weightx.io.safetensors import TensorInfo
 from weightx.io.sources import Source
 
 SCALE_SUFFIX = "_scale_inv"
 DEFAULT_BLOCK = (128, 128)
 # Tensor-name endings that give a quantization method away when there is no config to say it.
 TELLTALES = {".qweight": "GPTQ/AWQ", ".qzeros": "GPTQ/AWQ", ".g_idx": "GPTQ", ".absmax": "bitsandbytes",
-             ".quant_map": "bitsandbytes", ".quant_state.bitsandbytes__nf4": "bitsandbytes", "_blocks": "MXFP4"}
+             ".quant_map": "bitsandbytes", ".quant_state.bitsandbytes__nf4": "bitsandbytes"}
 
 
 def quantization_config(src: Source) -> dict | None:
@@ -37,6 +40,48 @@ def quantization_config(src: Source) -> dict | None:
     return q if isinstance(q, dict) else None
 
 
+MXFP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+@dataclass(frozen=True)
+class Mxfp4:
+    """One MXFP4 tensor (GPT-OSS experts): `W_blocks` uint8 [E, R, G, 16] (two FP4 values per byte, low
+    nibble first) and `W_scales` uint8 [E, R, G] (a power of two per 32 values, biased by 127). The weight
+    it stands for, as transformers dequantizes it, is [E, G·32, R] (the last two axes transposed)."""
+
+    blocks: tuple[str, TensorInfo]  # (shard, info)
+    scales: tuple[str, TensorInfo]
+    info: TensorInfo  # the logical weight: BF16 [E, G·32, R]
+
+
+def mxfp4_tensors(src: Source) -> tuple[dict[str, Mxfp4], list[str]]:
+    """({weight name: its MXFP4 parts}, problems) of a source with `_blocks`/`_scales` pairs."""
+    found, problems = {}, []
+    for name in src.weight_map:
+        if not name.endswith("_blocks") or name[:-7] + "_scales" not in src.weight_map:
+            continue
+        base, scale = name[:-7], name[:-7] + "_scales"
+        b, s = src.info(name), src.info(scale)
+        if b.dtype != "U8" or s.dtype != "U8" or len(b.shape) != 4 or b.shape[-1] != 16 or tuple(s.shape) != tuple(b.shape[:-1]):
+            problems.append(f"'{src.alias}': {name} {b.dtype}{list(b.shape)} and {scale} {s.dtype}{list(s.shape)} are not MXFP4"
+                            " blocks [E, R, G, 16] and scales [E, R, G] (uint8); the checkpoint is damaged")
+            continue
+        e, r, g, _ = b.shape
+        found[base] = Mxfp4((src.weight_map[name], b), (src.weight_map[scale], s), TensorInfo(base, "BF16", (e, g * 32, r), 0, e * g * 32 * r * 2))
+    return found, problems
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """One expert's [R, G, 16] blocks and [R, G] scales → its float32 weight [G·32, R]."""
+    lut = torch.tensor(MXFP4_VALUES, dtype=torch.float32, device=blocks.device)
+    r, g, _ = blocks.shape
+    out = torch.empty(r, g, 32, dtype=torch.float32, device=blocks.device)
+    out[..., 0::2] = lut[(blocks & 0x0F).long()]
+    out[..., 1::2] = lut[(blocks >> 4).long()]
+    out.mul_(torch.exp2(scales.to(torch.float32) - 127).unsqueeze(-1))
+    return out.reshape(r, g * 32).T
+
+
 def quantization_problem(alias: str, src: Source) -> str | None:
     """Why this input cannot be edited as it is (one line), or None (plain, or FP8 block-scaled)."""
     q = quantization_config(src)
@@ -45,7 +90,7 @@ def quantization_problem(alias: str, src: Source) -> str | None:
         hit = next((m for n in src.weight_map for end, m in TELLTALES.items() if n.endswith(end)), None)
         if hit is not None:
             method = hit
-    if method is None or method == "fp8":
+    if method is None or method in ("fp8", "mxfp4"):
         return None
     return (f"'{alias}' ({src.describe()}) is quantized with {method}: weightx edits the real weights, which"
             f" {method} does not store; use the model's unquantized (bf16/fp16) release")
@@ -84,4 +129,4 @@ def dequantize(x: torch.Tensor, start: int, shape: tuple[int, ...], scales: torc
     return x.mul_(s)
 
 
-__all__ = ["SCALE_SUFFIX", "dequantize", "fp8_scales", "quantization_problem", "scale_problem"]
+__all__ = ["SCALE_SUFFIX", "Mxfp4", "dequantize", "dequantize_mxfp4", "fp8_scales", "mxfp4_tensors", "quantization_problem", "scale_problem"]

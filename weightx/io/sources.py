@@ -48,10 +48,15 @@ class Source:
     # `_scale_inv` tensor, which the weight map then no longer lists; and the block size.
     fp8: dict[str, tuple[str, Any]] = field(default_factory=dict)
     fp8_block: tuple[int, int] = (128, 128)
+    # MXFP4 weights (`weightx.io.quantized.Mxfp4`) by their logical name, listed in the weight map
+    # instead of their `_blocks`/`_scales` parts.
+    mxfp4: dict[str, Any] = field(default_factory=dict)
 
     def info(self, name: str) -> TensorInfo:
         if self.artifact is not None and name in self.artifact.virtual:
             return self.artifact.virtual[name]
+        if name in self.mxfp4:
+            return self.mxfp4[name].info
         return self.headers[self.weight_map[name]].tensors[name]
 
     def path_of(self, shard: str) -> Path:

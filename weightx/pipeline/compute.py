@@ -26,7 +26,7 @@ from weightx.combine.base import CombineConfig
 from weightx.edits.base import TensorContext
 from weightx.errors import InputError, UsageError
 from weightx.io.provenance import Pacer
-from weightx.io.quantized import dequantize
+from weightx.io.quantized import dequantize, dequantize_mxfp4
 from weightx.io.safetensors import DTYPES, MappedFile, TensorInfo
 from weightx.io.sources import Source
 from weightx.kernels.topk import PooledBlocks
@@ -77,11 +77,36 @@ class Inputs:
 
     def __init__(self, pacer: Pacer | None = None) -> None:
         self._maps: dict[Path, MappedFile] = {}
+        self._experts: dict[tuple, torch.Tensor] = {}  # the last MXFP4 experts dequantized
+        self._lock = threading.Lock()
         self.pacer = pacer
 
     def get(self, src: Source, name: str) -> tuple[MappedFile, object]:
+        if name in src.mxfp4:  # the bytes read are the blocks'
+            shard, info = src.mxfp4[name].blocks
+            return self.mapped(src, shard), info
         shard = src.weight_map[name]
         return self.mapped(src, shard), src.headers[shard].tensors[name]
+
+    def _expert(self, src: Source, name: str, e: int, device: torch.device) -> torch.Tensor:
+        """Expert e of an MXFP4 weight, dequantized to float32 [in, out] (the last two kept: blocks of
+        one expert come in a row)."""
+        key = (id(src), name, e, str(device))
+        with self._lock:
+            hit = self._experts.get(key)
+        if hit is not None:
+            return hit
+        q = src.mxfp4[name]
+        (bshard, binfo), (sshard, sinfo) = q.blocks, q.scales
+        _, r, g, b = binfo.shape
+        blocks = self.mapped(src, bshard).view(binfo, e * r * g * b, r * g * b).to(device).view(r, g, b)
+        scales = self.mapped(src, sshard).view(sinfo, e * r * g, r * g).to(device).view(r, g)
+        w = dequantize_mxfp4(blocks, scales).contiguous()
+        with self._lock:
+            self._experts[key] = w
+            while len(self._experts) > 2:
+                self._experts.pop(next(iter(self._experts)))
+        return w
 
     def mapped(self, src: Source, shard: str) -> MappedFile:
         header = src.headers[shard]
@@ -93,7 +118,17 @@ class Inputs:
     def read(self, src: Source, name: str, start: int, count: int, device: torch.device,
               out: torch.Tensor | None = None) -> torch.Tensor:
         """Elements [start, start+count) of tensor `name` of `src` as float32 on `device`: a fresh
-        tensor, or `out` filled. FP8 block-scaled weights come dequantized."""
+        tensor, or `out` filled. FP8 block-scaled and MXFP4 weights come dequantized."""
+        if name in src.mxfp4:
+            _, inner, outer = src.mxfp4[name].info.shape
+            per, pos, pieces = inner * outer, start, []
+            while pos < start + count:
+                e = pos // per
+                hi = min(per, start + count - e * per)
+                pieces.append(self._expert(src, name, e, device).reshape(-1)[pos - e * per:hi])
+                pos = e * per + hi
+            x = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.float32, device=device)
+            return out.copy_(x) if out is not None else x.clone()
         mf, info = self.get(src, name)
         x = mf.view(info, start, count)
         if device.type != "cpu":

@@ -14,7 +14,7 @@ from pathlib import Path
 from weightx.errors import InputError, InputNotFoundError, PlanError, UsageError
 from weightx.io.files import copyable, read_regular
 from weightx.io.names import describe_rules, prefix_rules, renamed
-from weightx.io.quantized import fp8_scales, quantization_problem, scale_problem
+from weightx.io.quantized import fp8_scales, mxfp4_tensors, quantization_problem, scale_problem
 from weightx.io.output import CONFIG_FILES
 from weightx.edits.base import matches
 from weightx.io.safetensors import DTYPE_NAMES, TORCH_DTYPES
@@ -263,6 +263,14 @@ def _quantized_inputs(sources: dict[str, Source], notes: list[str]) -> list[str]
             continue
         if src.artifact is not None:
             continue
+        packed, more = mxfp4_tensors(src)
+        problems += more
+        if packed:
+            parts = {n for q in packed.values() for n in (q.blocks[1].name, q.scales[1].name)}
+            wm = {n: s for n, s in src.weight_map.items() if n not in parts} | {n: q.blocks[0] for n, q in packed.items()}
+            src = sources[alias] = dataclasses.replace(src, weight_map=wm, mxfp4=packed)
+            notes.append(f"'{alias}' holds {len(packed)} MXFP4 tensor(s) (e.g. {next(iter(packed))}): read dequantized to float32"
+                         " one expert at a time; outputs default to bfloat16 where the base is MXFP4 (set output.dtype to choose)")
         pairs, block = fp8_scales(src)
         if not pairs:
             continue

@@ -78,7 +78,7 @@ def write_record(plan: Plan, tmp: Path, stats: dict[str, TensorStats], hashes: d
     cfg_dtype = dtype_name(next(iter(out_dtypes))) if len(out_dtypes) == 1 else None
     lora = r.output.format == "lora"  # a PEFT folder: no model config or index (transformers would take it for a model)
     if plan.config_source.has_config and not lora:
-        copy_config(plan.config_source.root, tmp, cfg_dtype, ("quantization_config",) if plan.config_source.fp8 else ())
+        copy_config(plan.config_source.root, tmp, cfg_dtype, ("quantization_config",) if plan.config_source.fp8 or plan.config_source.mxfp4 else ())
     aligned = [t for t in plan.tensors if t.rows is not None]
     if plan.vocab is not None and plan.config_source.has_config and not lora and aligned:
         write_tokenizer(plan.vocab, plan.sources, r, tmp, aligned[0].shape[0])

@@ -27,7 +27,7 @@ import torch
 
 from weightx.errors import InputError
 from weightx.formats import CODEC_PARAMS, DECODERS
-from weightx.io.artifact import ArtifactReader
+from weightx.io.artifact import ArtifactReader, stored_shape
 from weightx.io.safetensors import MappedFile
 from weightx.io.sources import resolve
 from weightx.formats.packing import ef_decode, ef_encode
@@ -61,7 +61,8 @@ class DeltaArtifact:
         entry = self.codecs[name]
         params = {k: v for k, v in entry.items() if k in CODEC_PARAMS[entry["codec"]]}
         parts = {k: v.to(device) if device is not None else v for k, v in self.parts[name].items()}
-        return DECODERS[entry["codec"]](parts, tuple(entry["shape"]), **params)
+        out = DECODERS[entry["codec"]](parts, stored_shape(entry), **params)
+        return out.transpose(-1, -2).contiguous() if entry.get("transposed") else out
 
     def to(self, device: torch.device | str) -> DeltaArtifact:
         """Move everything to `device` (e.g. the GPU holding the base), in place; returns self."""

@@ -34,6 +34,9 @@ class TensorContext:
     # A combine that needs the base itself, not only the deltas (linear without normalising, slerp),
     # reads its block here, float32, in the deltas' layout; it must not modify it.
     base: object = field(default=None, compare=False, repr=False)
+    # The matrix stores its outputs along the last axis (transformers' Conv1D, GPT-OSS's stacked experts):
+    # per-row codecs then work on its transpose, so their rows are still the outputs.
+    columns: bool = False
 
     @property
     def numel(self) -> int:
@@ -161,4 +164,7 @@ class CodecEdit(EditConfig):
         raise NotImplementedError
 
     def apply(self, delta: torch.Tensor, ctx: TensorContext) -> torch.Tensor:
+        if ctx.columns and self.per_row() and delta.dim() >= 2:
+            d = delta.transpose(-1, -2).contiguous()
+            return self.decode(self.encode(d, ctx), tuple(d.shape), ctx.run).to(delta.device).transpose(-1, -2).contiguous()
         return self.decode(self.encode(delta, ctx), tuple(delta.shape), ctx.run).to(delta.device)

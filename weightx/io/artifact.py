@@ -67,6 +67,13 @@ def base_mismatch(artifact_alias: str, artifact: ArtifactReader, base_alias: str
     return None
 
 
+def stored_shape(entry: dict) -> tuple[int, ...]:
+    """The shape a compressed tensor's parts encode: its own, or with the last two axes swapped when the
+    record says `transposed` (a per-row codec on a matrix whose outputs are columns)."""
+    shape = tuple(entry["shape"])
+    return shape[:-2] + (shape[-1], shape[-2]) if entry.get("transposed") else shape
+
+
 def _base_ok(base: object) -> bool:
     """The recorded base: optional text fields, and per shard an optional size (int) and sha256 (text)."""
     if not isinstance(base, dict) or not all(isinstance(base.get(k), (str, type(None))) for k in ("alias", "source", "repo_id", "revision", "kind")):
@@ -118,9 +125,12 @@ class ArtifactReader:
             raise InputError(f"{where}: tensor {name!r} has no valid shape/dtype record; the artifact is damaged, re-download it")
         codec, n = entry["codec"], math.prod(shape)
         params = {k: v for k, v in entry.items() if k in CODEC_PARAMS[codec]}
+        if entry.get("transposed", False) not in (True, False) or (entry.get("transposed") and len(shape) < 2):
+            raise InputError(f"{where}: tensor {name!r} has an invalid transposed flag {entry.get('transposed')!r}; the artifact is damaged, re-download it")
+        stored = stored_shape(entry)
         if codec == "bitdelta":
             ok = params.get("bits") in range(1, 9) and params.get("group") in ("tensor", "row") and not isinstance(params.get("bits"), bool)
-            specs = bitdelta_parts(tuple(shape), params["bits"], params["group"]) if ok else {}
+            specs = bitdelta_parts(stored, params["bits"], params["group"]) if ok else {}
         elif codec == "sparse":
             k = params.get("k")
             ok = (isinstance(k, int) and not isinstance(k, bool) and 0 <= k <= n and params.get("positions") in ("index", "mask")
@@ -213,7 +223,8 @@ class ArtifactReader:
         params = {k: v for k, v in entry.items() if k in CODEC_PARAMS[entry["codec"]]}
         parts = {k: v.to(device) for k, v in self.parts(name).items()}
         try:
-            return DECODERS[entry["codec"]](parts, tuple(entry["shape"]), **params)
+            out = DECODERS[entry["codec"]](parts, stored_shape(entry), **params)
+            return out.transpose(-1, -2).contiguous() if entry.get("transposed") else out
         except ValueError as e:  # a part whose content is not a valid code (e.g. a corrupt mask)
             raise InputError(f"{self.root}: compressed tensor {name!r} cannot be decoded ({e}); the artifact is damaged, re-download it") from None
 

@@ -38,7 +38,8 @@ class Compression:
 
 def with_parts(t: TensorPlan, codec: CodecEdit, run: object = None) -> TensorPlan:
     """`t` encoded by `codec`: a new plan entry whose outputs are the codec's parts."""
-    specs = codec.part_specs(t.shape, run)
+    shape = t.shape[:-2] + (t.shape[-1], t.shape[-2]) if t.columns and codec.per_row() and len(t.shape) >= 2 else t.shape
+    specs = codec.part_specs(shape, run)
     return dataclasses.replace(t, codec=codec, parts=tuple(OutTensor(f"{t.name}.{sfx}", dt, shape) for sfx, (dt, shape) in specs.items()))
 
 
@@ -86,9 +87,9 @@ def plan_compression(recipe: Recipe, sources: dict[str, Source], tensors: list[T
 
     edits = [e for d in recipe.deltas for e in d.edits]
     compressing = [e for e in edits if e.compresses]
-    if any(e.per_row() for e in compressing) and model_type(sources[recipe.config_from]) in COLUMN_MODELS:
-        problems.append("bitdelta group: row takes one scale per output row, but this model's Conv1D layers (or stacked"
-                        " experts) store outputs as columns; use group: tensor")
+    if any(e.per_row() and e.prepass() == "distill" for e in compressing) and model_type(sources[recipe.config_from]) in COLUMN_MODELS:
+        problems.append("bitdelta group: row with distill: this model stores outputs as columns (Conv1D or stacked experts),"
+                        " which distillation does not handle yet; use group: tensor or remove distill")
     result = Compression(problems, notes, list(tensors))
     if any(e.prepass() == "global_statistics" for e in edits):
         problems += last_edit_problems(recipe, tensors, "global_statistics", "ternary with scope: global")
@@ -187,8 +188,8 @@ def render_compression(plan: Plan) -> list[str]:
         return render_sparse(plan)
     s = compression_summary(plan)
     done, total = matrix_share(plan)
-    share = [f"covers {100 * done / total:.1f}% of the model's matrix parameters (all ≥ 2-D weights but embeddings"
-             " and lm_head)" + (": below 90 %, check the edit's include patterns" if done < 0.9 * total else "")] if total else []
+    share = [f"covers {100 * done / total:.1f}% of the model's matrix parameters (2-D and stacked 3-D layer weights;"
+             " embeddings, lm_head, biases and routers are not counted)" + (": below 90 %, check the edit's include patterns" if done < 0.9 * total else "")] if total else []
     ops = ", ".join(f"{op} on {n}" for op, n in s["ops"].items())
     return [
         f"compressed: {ops} tensor(s), {s['compressed_parameters']:,} parameters -> {human_bytes(s['compressed_bytes'])}"

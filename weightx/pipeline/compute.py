@@ -315,7 +315,7 @@ class TensorComputer:
     def context(self, t: TensorPlan, i: int, j: int, start: int = 0, state: object = None) -> TensorContext:
         """What edit j of delta i sees for tensor t: where the block sits, its pre-pass state and
         its entry in the run state (learned scales, a global selection)."""
-        return TensorContext(t.name, t.shape, start, state, self.run.entry(t.edits[i][j], t.name), self.aliases[i])
+        return TensorContext(t.name, t.shape, start, state, self.run.entry(t.edits[i][j], t.name), self.aliases[i], columns=t.columns)
 
     def edited_delta(self, t: TensorPlan, i: int, upto: int | None = None) -> torch.Tensor:
         """The whole tensor's delta i (θ_i − base) after its first `upto` edits (default: all), float32
@@ -344,6 +344,8 @@ class TensorComputer:
             d = edit.apply(d, self.context(t, 0, j))
         del raw
         ctx = self.context(t, 0, last)
+        if t.transposed:  # per-row scales follow the outputs: encode the transpose (recorded as such)
+            d = d.transpose(-1, -2).contiguous()
         parts = t.codec.encode(d, ctx)
         for x in parts.values():  # a NaN/Inf delta gives a NaN scale: never stored silently
             if x.is_floating_point() and not torch.isfinite(x.sum(dtype=torch.float32)):
@@ -353,7 +355,7 @@ class TensorComputer:
             if "_dot" in parts and "_sq" in parts:  # the codec's closed form: no decode needed
                 dot, sq = float(parts["_dot"]), float(parts["_sq"])
             else:
-                approx = t.codec.decode(parts, t.shape, ctx.run).to(d.device)
+                approx = t.codec.decode(parts, tuple(d.shape), ctx.run).to(d.device)
                 dot, sq = float(torch.dot(approx.reshape(-1), d.reshape(-1))), float(torch.dot(approx.reshape(-1), approx.reshape(-1)))
                 del approx
             err = max(target * target - 2 * dot + sq, 0.0) ** 0.5

@@ -23,6 +23,15 @@ from weightx.recipe.model import DeltaSpec, Recipe
 CONV1D_MODELS = ("gpt2", "gpt_bigcode", "openai-gpt", "imagegpt")
 # Models with matrices stored [in, out] (Conv1D, GPT-OSS's stacked experts): per-row scales would be per input.
 COLUMN_MODELS = CONV1D_MODELS + ("gpt_oss",)
+STACKED_COLUMNS = re.compile(r"experts\.(gate_up_proj|down_proj)$")  # GPT-OSS: [experts, in, out]
+
+
+def outputs_are_columns(model_type: str | None, name: str, shape: tuple[int, ...]) -> bool:
+    """Whether a weight stores its outputs along the last axis: a Conv1D layer of a GPT-2-style model
+    (every 2-D weight but the embeddings), or GPT-OSS's stacked experts."""
+    if model_type in CONV1D_MODELS:
+        return len(shape) == 2 and name.endswith(".weight") and not VOCAB_NAMES.search(name) and "wpe" not in name
+    return model_type == "gpt_oss" and len(shape) == 3 and bool(STACKED_COLUMNS.search(name))
 VOCAB_NAMES = re.compile(r"(embed_tokens|lm_head|wte|word_embeddings|embed_in|embed_out|output\.weight$)")
 
 
@@ -49,7 +58,13 @@ class TensorPlan:
     # Vocabulary alignment (`weightx.pipeline.vocab`): per input alias, output row → its row of the
     # same token, or −1; None: every input has the output's rows.
     rows: dict | None = dataclasses.field(default=None, compare=False, repr=False)
+    # Outputs along the last axis (Conv1D, GPT-OSS stacked experts; see TensorContext.columns).
+    columns: bool = False
 
+    @property
+    def transposed(self) -> bool:
+        """Stored transposed: a per-row codec on a matrix whose outputs are its columns."""
+        return self.columns and self.codec is not None and self.codec.per_row()
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
@@ -161,4 +176,4 @@ def human_bytes(n: float) -> str:
     return f"{n} B"
 
 
-__all__ = ["Plan", "TensorPlan", "ShardPlan", "split_shards", "shard_names", "natural_key", "human_bytes", "VOCAB_NAMES", "CONV1D_MODELS", "COLUMN_MODELS"]
+__all__ = ["Plan", "TensorPlan", "ShardPlan", "split_shards", "shard_names", "natural_key", "human_bytes", "VOCAB_NAMES", "CONV1D_MODELS", "COLUMN_MODELS", "outputs_are_columns"]

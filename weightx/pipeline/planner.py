@@ -22,7 +22,7 @@ from weightx.io.sources import Source, model_type, resolve
 from weightx.pipeline.compression import plan_compression, render_compression
 from weightx.pipeline.lora import ADAPTER_FILE, plan_lora, render_lora
 from weightx.pipeline.vocab import plan_vocab, row_maps
-from weightx.pipeline.plan import VOCAB_NAMES, Plan, ShardPlan, TensorPlan, human_bytes, natural_key, split_shards
+from weightx.pipeline.plan import VOCAB_NAMES, Plan, ShardPlan, TensorPlan, human_bytes, natural_key, outputs_are_columns, split_shards
 from weightx.recipe.model import Recipe
 from weightx.recipe.varying import layer_positions
 
@@ -130,6 +130,7 @@ def build_plan(recipe: Recipe, output: str | Path | None = None, recipe_dir: Pat
         raise PlanError(more)
     notes += vocab_notes
     aligned = list(dict.fromkeys([recipe.base] + [d.model for d in recipe.deltas]))
+    kind = model_type(cfg)
     tensors: list[TensorPlan] = []
     positions = layer_positions(cfg.weight_map) if recipe.varying else {}
     missing: dict[str, list[str]] = {}
@@ -191,7 +192,8 @@ def build_plan(recipe: Recipe, output: str | Path | None = None, recipe_dir: Pat
                 continue
         edits = tuple(tuple(e for e in es if e.applies_to(name, info.shape)) for es in all_edits)
         elementwise = (combine or recipe.combine).elementwise and all(e.elementwise for es in edits for e in es)
-        tensors.append(TensorPlan(name, info.shape, out_dtype, True, edits, elementwise, weights=weights, combine=combine, rows=rows))
+        tensors.append(TensorPlan(name, info.shape, out_dtype, True, edits, elementwise, weights=weights, combine=combine, rows=rows,
+                                  columns=outputs_are_columns(kind, name, info.shape)))
 
     for alias, names in missing.items():
         src = sources[alias]

@@ -126,6 +126,8 @@ def delta_record(plan: Plan, inputs: dict, stats: dict[str, TensorStats], state:
         st = stats.get(t.name)
         if t.codec is not None:
             params = t.codec.codec_params(t.shape, state.entry(t.codec, t.name))
+            if t.transposed:  # parts encode the transpose: a reader transposes back after decoding
+                params["transposed"] = True
         elif t.parts is not None and st is not None and st.extra.get("codec") == "sparse":
             params = {}  # codec, k and positions are in the stats (the run counted them)
         else:

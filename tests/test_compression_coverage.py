@@ -9,7 +9,6 @@ import torch
 
 import weightx
 from weightx.api import describe_plan
-from weightx.errors import PlanError
 
 
 

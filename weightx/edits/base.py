@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import re
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Protocol
 
@@ -58,6 +59,17 @@ class TensorContext:
 
 def matches(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+# What compression leaves whole by default: embeddings and position tables, lm_head, norms, biases, MoE routers.
+NOT_LAYER = re.compile(r"(embed|\bwte\b|\bwpe\b|word_embeddings|lm_head|embed_out|(^|\.)output\.weight$|norm|(^|\.)ln_|bias|router"
+                       r"|position|(^|\.)gate\.weight$|_gate\.weight$)")
+
+
+def is_layer_weight(name: str, shape: tuple[int, ...]) -> bool:
+    """A weight matrix of a layer: 2-D (linear, Conv1D) or 3-D (stacked experts), and not an embedding,
+    lm_head, norm, bias or router. The compressing edits' default; `weightx plan` counts coverage by it."""
+    return len(shape) in (2, 3) and not NOT_LAYER.search(name)
 
 
 # Run-level phases before any write: BitDelta's scale distillation (needs the whole model in
@@ -145,6 +157,9 @@ class CodecEdit(EditConfig):
     compresses: ClassVar[bool] = True
 
     def applies_to(self, name: str, shape: tuple[int, ...]) -> bool:
+        if self.include is None:  # the default: every layer weight (minus `exclude`)
+            exclude = self.exclude if self.exclude is not None else list(self.default_exclude)
+            return is_layer_weight(name, shape) and not matches(name, exclude)
         return len(shape) >= 1 and super().applies_to(name, shape)
 
     def per_row(self) -> bool:

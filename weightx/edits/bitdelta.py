@@ -21,10 +21,11 @@ means +), LSB first along the last dimension; `W.scale` float32 [b] (group tenso
 [b, *shape[:-1]] (group row). The dense output is base + decode(encode(δ)), literally, so it equals
 a reconstruction from the artifact bit for bit.
 
-By default the 2-D weights of the attention and MLP projections are compressed (the reference
-replaces children named `*proj*` of `self_attn` / `mlp` modules), and likewise Mixtral's experts and
-GPT-2's Conv1D layers; embeddings, lm_head, norms and routers keep their fine-tuned values.
-`include` / `exclude` override this; `weightx plan` prints the share of matrix parameters compressed.
+By default every layer weight is compressed (`weightx.edits.base.is_layer_weight`: 2-D matrices of
+linear and Conv1D layers and 3-D stacked experts; the reference replaces the `*proj*` linears of
+attention and MLP blocks); embeddings, lm_head, norms, biases and routers keep their fine-tuned
+values. `include` / `exclude` override this; `weightx plan` prints the share of matrix parameters
+compressed.
 """
 
 from __future__ import annotations
@@ -37,17 +38,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from weightx.edits.base import CodecEdit, Prepass, TensorContext
 from weightx.formats.bitdelta import binarize, debinarize, decode_parts, part_specs
 
-__all__ = ["BitDelta", "Distill", "LINEAR_PROJ", "binarize", "debinarize", "decode_parts"]
+__all__ = ["BitDelta", "Distill", "binarize", "debinarize", "decode_parts"]
 
 PAPER = "https://arxiv.org/abs/2402.10193"
-
-# Linear layers of attention and MLP blocks (Llama, Mistral, Qwen2, Phi-3, Qwen-MoE and DeepSeek
-# experts, ...), Mixtral's per-expert w1/w2/w3, GPT-2's Conv1D c_attn/c_proj/c_fc.
-LINEAR_PROJ = ("*self_attn.*proj*.weight", "*mlp.*proj*.weight", "*block_sparse_moe.experts.*.weight",
-               "*attn.c_attn.weight", "*attn.c_proj.weight", "*mlp.c_fc.weight",
-               "*mlp.experts.gate_up_proj", "*mlp.experts.down_proj",  # GPT-OSS: stacked [experts, in, out]
-               "*mlp.fc1.weight", "*mlp.fc2.weight", "*attn.qkv.weight", "*attn.proj.weight",  # vision towers (CLIP, Qwen2-VL)
-               "*multi_modal_projector.*.weight", "*merger.mlp.*.weight")
 
 
 class Distill(BaseModel):
@@ -70,7 +63,6 @@ class BitDelta(CodecEdit):
     group: Literal["tensor", "row"] = "tensor"
     distill: Distill | None = None
 
-    default_include: ClassVar[tuple[str, ...]] = LINEAR_PROJ
     prepasses: ClassVar[tuple[Prepass, ...]] = ("distill",)
 
     def prepass(self) -> Prepass | None:

@@ -41,7 +41,6 @@ import torch
 from pydantic import Field
 
 from weightx.edits.base import CodecEdit, Prepass, TensorContext
-from weightx.edits.bitdelta import LINEAR_PROJ
 from weightx.formats.ternary import ABS_BITS, decode_parts, deternarize, part_specs, positions_at, ternarize, ternary_scale
 from weightx.kernels.topk import keep_count
 
@@ -70,7 +69,6 @@ class Ternary(CodecEdit):
     alpha: float = 1.0
     scope: Literal["tensor", "global"] = "tensor"
 
-    default_include: ClassVar[tuple[str, ...]] = LINEAR_PROJ
     prepasses: ClassVar[tuple[Prepass, ...]] = ("global_statistics",)
 
     def prepass(self) -> Prepass | None:

@@ -8,11 +8,10 @@ make a compressing recipe meaningful. Sizes for `weightx plan` come from here to
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from weightx.edits.base import CodecEdit, Prepass
+from weightx.edits.base import CodecEdit, Prepass, is_layer_weight
 from weightx.errors import InputError
 from weightx.io.artifact import base_mismatch
 from weightx.io.safetensors import OutTensor
@@ -169,14 +168,11 @@ def compression_summary(plan: Plan) -> dict:
     }
 
 
-NOT_LAYERS = re.compile(r"(embed|wpe|position|router|bias|\.gate\.weight$|_gate\.weight$)")  # embeddings, biases, MoE routers
-
-
 def matrix_share(plan: Plan) -> tuple[int, int]:
-    """(parameters compressed, parameters of all layer weights): 2-D and 3-D (stacked experts) floating
-    tensors other than embeddings, lm_head and routers, which compression leaves whole on purpose."""
+    """(parameters compressed, parameters of all layer weights, `weightx.edits.base.is_layer_weight`):
+    embeddings, lm_head, norms, biases and routers are left whole on purpose and not counted."""
     def layer(t: TensorPlan) -> bool:
-        return len(t.shape) in (2, 3) and not VOCAB_NAMES.search(t.name) and not NOT_LAYERS.search(t.name)
+        return is_layer_weight(t.name, t.shape) and not VOCAB_NAMES.search(t.name)
 
     total = sum(t.numel for t in plan.tensors if t.edit and layer(t))
     done = sum(t.numel for t in plan.tensors if t.codec is not None and layer(t))

@@ -34,7 +34,7 @@ def quantization_config(src: Source) -> dict | None:
         return None
     try:
         doc = json.loads(read_regular(src.root / "config.json", 16 << 20).decode("utf-8"))
-    except (InputError, OSError, ValueError):
+    except (InputError, OSError, ValueError, RecursionError):
         return None  # the planner reports an unreadable config on its own
     q = doc.get("quantization_config") if isinstance(doc, dict) else None
     return q if isinstance(q, dict) else None

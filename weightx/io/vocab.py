@@ -38,7 +38,7 @@ def read_vocab(alias: str, src: Source) -> Vocab:
 
         tok = Tokenizer.from_str(read_regular(path, MAX_TOKENIZER_BYTES).decode("utf-8"))
         doc = json.loads(read_regular(path, MAX_TOKENIZER_BYTES).decode("utf-8"))
-    except (OSError, ValueError, Exception) as e:  # tokenizers raises its own Exception type on bad JSON
+    except Exception as e:  # tokenizers raises a bare Exception on bad JSON; json may raise RecursionError
         if isinstance(e, InputError):
             raise
         raise InputError(f"tokenizer: {path} cannot be read ({' '.join(str(e).split())[:120]}); re-download the tokenizer") from None

@@ -152,7 +152,7 @@ def _chat_template(root: Path) -> str | None:
             return read_regular(root / name, 1 << 20).decode("utf-8")
     try:
         doc = json.loads(read_regular(root / "tokenizer_config.json", 16 << 20).decode("utf-8"))
-    except (InputError, OSError, ValueError):
+    except (InputError, OSError, ValueError, RecursionError):
         return None
     t = doc.get("chat_template") if isinstance(doc, dict) else None
     return t if isinstance(t, str) else None

@@ -122,7 +122,7 @@ def load_adapter(path: Path, settings: EvalSettings) -> tuple[Any, Any]:
         base = doc["base_model_name_or_path"]
         if not isinstance(base, str):
             raise ValueError("base_model_name_or_path is not text")
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise InputError(f"cannot evaluate {path}: adapter_config.json has no readable base_model_name_or_path ({e});"
                          " fix it to name the base model") from None
     try:

@@ -121,3 +121,15 @@ def test_different_base_vocabularies_are_refused_in_one_line(family, tmp_path):
 def test_plan_prints_the_vocabulary(family, chat, tmp_path):
     text = describe_plan(recipe(family, chat, tmp_path / "p", "union"))
     assert "tokenizer: union vocabulary, 515 tokens (3 the base lacks, e.g. '<|im_start|>')" in text
+
+
+@pytest.mark.parametrize("fmt", [{"format": "delta"}, {"format": "lora", "rank": 2}])
+def test_a_grown_vocabulary_needs_a_dense_output(family, chat, tmp_path, fmt):
+    """A delta artifact or an adapter is applied to the base, whose rows it cannot grow: refused at plan time."""
+    r = recipe(family, chat, tmp_path / "o", "union")
+    r["deltas"][0]["edits"] = [{"ternary": {}}] if fmt["format"] == "delta" else []
+    r["output"].update(fmt)
+    with pytest.raises(PlanError, match="must keep the base's rows: use format: dense"):
+        weightx.plan(r)
+    r["tokenizer"] = {"source": "base"}  # the base's rows: fine
+    weightx.plan(r)

@@ -195,6 +195,11 @@ def build_plan(recipe: Recipe, output: str | Path | None = None, recipe_dir: Pat
         tensors.append(TensorPlan(name, info.shape, out_dtype, True, edits, elementwise, weights=weights, combine=combine, rows=rows,
                                   columns=outputs_are_columns(kind, name, info.shape)))
 
+    grown = [t for t in tensors if t.rows is not None and t.shape[0] != base.info(t.name).shape[0]]
+    if grown and recipe.output.format != "dense":
+        problems.append(f"tokenizer: {grown[0].name} gets {grown[0].shape[0]} rows where the base has {base.info(grown[0].name).shape[0]};"
+                        f" a {recipe.output.format} output is applied to the base, so it must keep the base's rows: use format: dense"
+                        " or tokenizer.source: base")
     for alias, names in missing.items():
         src = sources[alias]
         if len(names) <= 3:

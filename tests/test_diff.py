@@ -160,3 +160,26 @@ def test_direction_reads_a_large_text_cut_mid_character(family, tmp_path):
     (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00binary")
     proc = run_cli("diff", str(family["sft"]), str(family["dpo"]), "--direction", str(tmp_path / "bin.txt"))
     assert proc.returncode == 2 and "not UTF-8 text" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_diff_reads_other_prefixes_and_quantized_models(family, tmp_path):
+    """A PEFT-prefixed fine-tune is compared under the base's names; an FP8 fine-tune by its dequantized
+    weights (its scales are not deltas)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from test_quantized_inputs import fp8_copy
+
+    (tmp_path / "peft").mkdir()
+    save_file({"base_model.model." + k: v for k, v in load_state_dict(family["dpo"]).items()}, str(tmp_path / "peft" / "model.safetensors"))
+    shutil.copy(family["dpo"] / "config.json", tmp_path / "peft" / "config.json")
+    plain = diff([str(family["sft"]), str(family["dpo"])])
+    doc = diff([str(family["sft"]), str(tmp_path / "peft")])
+    assert doc["skipped"] == [] and doc["total"]["deltas"]["peft"]["norm"] == pytest.approx(plain["total"]["deltas"]["dpo"]["norm"])
+    meant = fp8_copy(family["dpo"], tmp_path / "fp8")
+    q = diff([str(family["sft"]), str(tmp_path / "fp8")])
+    name = "model.layers.0.mlp.up_proj.weight"
+    d = meant[name] - load_state_dict(family["sft"])[name].double().numpy()
+    assert q["tensors"][name]["deltas"]["fp8"]["norm"] == pytest.approx(float(np.linalg.norm(d)), rel=1e-5)
+    assert not any(k.endswith("_scale_inv") for k in q["tensors"])

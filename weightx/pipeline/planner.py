@@ -104,7 +104,7 @@ def build_plan(recipe: Recipe, output: str | Path | None = None, recipe_dir: Pat
         elif _inside(root, out_path):
             problems.append(f"input '{alias}' ({root}) is inside output.path {out_path}; write elsewhere")
 
-    quantized = _quantized_inputs(sources, notes)
+    quantized = dequantized_inputs(sources, notes)
     if quantized:
         raise PlanError(quantized)  # nothing else about a quantized input is worth reading
     cfg = sources[recipe.config_from]
@@ -259,7 +259,7 @@ def build_plan(recipe: Recipe, output: str | Path | None = None, recipe_dir: Pat
     return Plan(recipe, sources, out_path, tuple(tensors), shards, tuple(notes), distill_data, recipe_dir, vocab=vocab)
 
 
-def _quantized_inputs(sources: dict[str, Source], notes: list[str]) -> list[str]:
+def dequantized_inputs(sources: dict[str, Source], notes: list[str]) -> list[str]:
     """Refusals for quantized inputs weightx cannot edit; FP8 block-scaled ones are switched (in
     `sources`) to read dequantized, their scale tensors hidden, with a note."""
     problems = []

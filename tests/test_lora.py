@@ -239,3 +239,23 @@ def test_lora_on_a_hub_base_names_it_and_evaluates(family, tmp_path):
     proc = run_cli("eval", str(tmp_path / "hub-lora"), "--tasks", "weightx_ppl", "--limit", "2", env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "bits_per_byte" in proc.stdout
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("disk on fire"), KeyboardInterrupt()])
+def test_an_interrupted_lora_or_sparse_run_leaves_nothing_that_looks_finished(family, tmp_path, monkeypatch, exc):
+    import weightx.pipeline.lora as lora
+    import weightx.pipeline.sparse_output as sparse_output
+
+    def boom(*a, **k):
+        raise exc
+
+    monkeypatch.setattr(lora, "write_spooled", boom)
+    monkeypatch.setattr(sparse_output, "write_spooled", boom)
+    runs = [lora_recipe(family, tmp_path / "l", rank=2),
+            {"models": {"sft": str(family["sft"]), "dpo": str(family["dpo"])}, "base": "sft",
+             "deltas": [{"model": "dpo", "edits": [{"dare": {"drop": 0.9}}]}], "output": {"path": str(tmp_path / "s"), "format": "delta"}}]
+    for r in runs:
+        with pytest.raises(type(exc)):
+            weightx.apply(r)
+    assert not (tmp_path / "l").exists() and not (tmp_path / "s").exists()
+    assert not list(tmp_path.rglob("*.spool"))  # scratch files never outlive the run

@@ -133,3 +133,21 @@ def test_a_grown_vocabulary_needs_a_dense_output(family, chat, tmp_path, fmt):
         weightx.plan(r)
     r["tokenizer"] = {"source": "base"}  # the base's rows: fine
     weightx.plan(r)
+
+
+def test_a_tokenizer_file_linked_out_of_its_folder_is_refused(family, chat, tmp_path):
+    """The output tokenizer is written from the base's (or the source model's) files: a symlinked
+    tokenizer_config.json pointing elsewhere (a token file, another model) is refused before anything runs."""
+    import shutil
+
+    base = tmp_path / "sft-linked"
+    shutil.copytree(family["sft"], base)
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"hf_token": "hf_do_not_publish"}')
+    (base / "tokenizer_config.json").unlink()
+    (base / "tokenizer_config.json").symlink_to(secret)
+    r = recipe(family, chat, tmp_path / "o", "union")
+    r["models"]["sft"] = str(base)
+    with pytest.raises(PlanError, match="outside the model folder"):
+        weightx.plan(r)
+    assert not (tmp_path / "o").exists()

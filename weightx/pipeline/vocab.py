@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from weightx.errors import InputError
-from weightx.io.files import read_regular
+from weightx.io.files import copyable, read_regular
 from weightx.io.sources import Source
 from weightx.io.vocab import Vocab, read_vocab
 from weightx.recipe.model import Recipe
@@ -54,6 +54,16 @@ def plan_vocab(recipe: Recipe, sources: dict[str, Source]) -> tuple[list[str], l
         problems.append(f"tokenizer.source '{spec.source}' is neither base, union nor the base or a delta's model ({', '.join(aliases)})")
     if problems:
         return problems, [], None
+    # The output's tokenizer is written from these folders' files: none may lead out of its folder (a
+    # symlinked tokenizer_config.json could carry another file's content into a published output).
+    owner = recipe.base if spec.source in ("base", "union") else spec.source
+    for alias in dict.fromkeys([owner, recipe.config_from]):
+        root = sources[alias].root
+        for name in TOKENIZER_FILES:
+            try:
+                copyable(root / name, root)
+            except InputError as e:
+                problems.append(f"tokenizer: {e}")
     vocabs: dict[str, Vocab] = {}
     for a in aliases:
         try:

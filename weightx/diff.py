@@ -19,9 +19,9 @@ import torch
 
 from weightx.errors import InputError, UsageError
 from weightx.io.sources import Source, resolve
-from weightx.io.names import prefix_rules, renamed
+from weightx.io.names import matched_names
+from weightx.io.quantized import dequantized_sources
 from weightx.pipeline.compute import Inputs
-from weightx.pipeline.planner import dequantized_inputs
 from weightx.pipeline.plan import human_bytes, natural_key
 
 DARE_SAFE = 0.005  # the DARE paper's observation: SFT deltas are mostly within ±0.005
@@ -121,16 +121,16 @@ def diff(paths: list[str], *, rank: bool = False, progress=None) -> dict:
     if len(paths) < 2:
         raise UsageError("weightx diff needs a base and at least one model: weightx diff BASE MODEL [MODEL ...]")
     resolved = {f"input{i}": resolve(f"input{i}", p) for i, p in enumerate(paths)}
-    problems = dequantized_inputs(resolved, [])  # FP8 / MXFP4 read dequantized, other quantizations refused
+    problems = dequantized_sources(resolved, [])  # FP8 / MXFP4 read dequantized, other quantizations refused
     if problems:
         raise InputError(problems[0])
     base = resolved["input0"]
     if base.artifact is not None:
         raise InputError(f"{paths[0]} is a weightx delta artifact; give the model it was made against as the base")
     for alias, src in list(resolved.items())[1:]:  # the same tensors under another prefix: read under the base's names
-        found = prefix_rules(set(base.weight_map), set(src.weight_map)) if src.artifact is None else None
+        found = matched_names(src, set(base.weight_map)) if src.artifact is None else None
         if found is not None:
-            resolved[alias] = renamed(src, found[1], found[0])
+            resolved[alias] = found[0]
     sources = list(resolved.values())
     models = sources[1:]
     labels = [Path(p).name or p for p in paths[1:]]

@@ -77,8 +77,18 @@ def renamed(src: Source, mapping: dict[str, str], rules: list[tuple[str, str]]) 
     return dataclasses.replace(src, headers=headers, weight_map=weight_map, renames=tuple(rules))
 
 
+def matched_names(src: Source, wanted: set[str]) -> tuple[Source, int] | None:
+    """`src` read under the `wanted` names, and how many tensors were renamed; None when no consistent
+    prefix rules map its names (or none need mapping)."""
+    found = prefix_rules(wanted, set(src.weight_map))
+    if found is None:
+        return None
+    rules, mapping = found
+    return renamed(src, mapping, rules), len(mapping)
+
+
 def describe_rules(rules: list[tuple[str, str]] | tuple[tuple[str, str], ...]) -> str:
     return ", ".join(f"'{b or '(none)'}' for '{a or '(none)'}'" for a, b in rules)
 
 
-__all__ = ["describe_rules", "prefix_rules", "renamed"]
+__all__ = ["describe_rules", "matched_names", "prefix_rules", "renamed"]

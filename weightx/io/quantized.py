@@ -12,6 +12,7 @@ refused in one line naming the method (their config, or their tell-tale tensor n
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 
@@ -129,4 +130,41 @@ def dequantize(x: torch.Tensor, start: int, shape: tuple[int, ...], scales: torc
     return x.mul_(s)
 
 
-__all__ = ["SCALE_SUFFIX", "Mxfp4", "dequantize", "dequantize_mxfp4", "fp8_scales", "mxfp4_tensors", "quantization_problem", "scale_problem"]
+def dequantized_sources(sources: dict[str, Source], notes: list[str]) -> list[str]:
+    """Refusals for quantized inputs weightx cannot edit; FP8 block-scaled ones are switched (in
+    `sources`) to read dequantized, their scale tensors hidden, with a note."""
+    problems = []
+    for alias, src in list(sources.items()):
+        why = quantization_problem(alias, src)
+        if why:
+            problems.append(why)
+            continue
+        if src.artifact is not None:
+            continue
+        packed, more = mxfp4_tensors(src)
+        problems += more
+        if packed:
+            parts = {n for q in packed.values() for n in (q.blocks[1].name, q.scales[1].name)}
+            wm = {n: s for n, s in src.weight_map.items() if n not in parts} | {n: q.blocks[0] for n, q in packed.items()}
+            src = sources[alias] = dataclasses.replace(src, weight_map=wm, mxfp4=packed)
+            notes.append(f"'{alias}' holds {len(packed)} MXFP4 tensor(s) (e.g. {next(iter(packed))}): read dequantized to float32"
+                         " one expert at a time; outputs default to bfloat16 where the base is MXFP4 (set output.dtype to choose)")
+        pairs, block = fp8_scales(src)
+        if not pairs:
+            continue
+        scales = {}
+        for name, scale in pairs.items():
+            info, sinfo = src.info(name), src.info(scale)
+            bad = scale_problem(name, info.shape, sinfo.shape, block)
+            if bad:
+                problems.append(f"'{alias}': {bad}")
+            scales[name] = (src.weight_map[scale], sinfo)
+        hidden = set(pairs.values())
+        sources[alias] = dataclasses.replace(src, weight_map={n: s for n, s in src.weight_map.items() if n not in hidden},
+                                             fp8=scales, fp8_block=block)
+        notes.append(f"'{alias}' is FP8 block-scaled ({len(pairs)} tensors, blocks of {list(block)}): read dequantized to"
+                     " float32; outputs default to bfloat16 where the base is FP8 (set output.dtype to choose)")
+    return problems
+
+
+__all__ = ["dequantized_sources", "SCALE_SUFFIX", "Mxfp4", "dequantize", "dequantize_mxfp4", "fp8_scales", "mxfp4_tensors", "quantization_problem", "scale_problem"]

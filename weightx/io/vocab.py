@@ -36,8 +36,9 @@ def read_vocab(alias: str, src: Source) -> Vocab:
     try:
         from tokenizers import Tokenizer  # ships with transformers
 
-        tok = Tokenizer.from_str(read_regular(path, MAX_TOKENIZER_BYTES).decode("utf-8"))
-        doc = json.loads(read_regular(path, MAX_TOKENIZER_BYTES).decode("utf-8"))
+        text = read_regular(path, MAX_TOKENIZER_BYTES).decode("utf-8")
+        tok = Tokenizer.from_str(text)
+        doc = json.loads(text)
     except Exception as e:  # tokenizers raises a bare Exception on bad JSON; json may raise RecursionError
         if isinstance(e, InputError):
             raise

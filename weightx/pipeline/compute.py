@@ -214,10 +214,11 @@ class TensorComputer:
         self._state_lock = threading.Lock()
 
     def load(self, src: Source, t: TensorPlan, start: int, count: int,
-             out: torch.Tensor | None = None) -> torch.Tensor:
-        """Block [start, start+count) of input `src` as float32: a fresh tensor, or `out` filled."""
+             out: torch.Tensor | None = None, base: torch.Tensor | None = None) -> torch.Tensor:
+        """Block [start, start+count) of input `src` as float32: a fresh tensor, or `out` filled.
+        `base`: the base's block when the caller has it (rows aligned by token fill a delta's missing rows from it)."""
         if t.rows is not None:  # rows aligned by token (`weightx.pipeline.vocab`)
-            x = self._aligned(src, t, start, count)
+            x = self._aligned(src, t, start, count, base)
             return x if out is None else out.copy_(x)
         return self.inputs.read(src, t.name, start, count, self.device, out)
 
@@ -232,7 +233,7 @@ class TensorComputer:
         values = flat[row.clamp(min=0) * cols + idx % cols].to(torch.float32)
         return values.to(self.device), present.to(self.device)
 
-    def _aligned(self, src: Source, t: TensorPlan, start: int, count: int) -> torch.Tensor:
+    def _aligned(self, src: Source, t: TensorPlan, start: int, count: int, base: torch.Tensor | None = None) -> torch.Tensor:
         """An input's block on the output's rows: the base's rows of tokens it lacks are the mean of the
         deltas' rows that have them (0 where none does); a delta's rows it lacks are the base's (δ = 0)."""
         x, present = self._rows(src, t, start, count)
@@ -241,13 +242,13 @@ class TensorComputer:
         if src is self.plan.base:
             total = torch.zeros_like(x)
             n = torch.zeros_like(x)
-            for _, s in {id(s): (None, s) for _, s in self.plan.deltas}.values():
+            for s in {id(s): s for _, s in self.plan.deltas}.values():
                 v, ok = self._rows(s, t, start, count)
                 total += torch.where(ok, v, torch.zeros_like(v))
                 n += ok.to(x.dtype)
             fill = torch.where(n > 0, total / n.clamp(min=1), torch.zeros_like(total))
             return torch.where(present, x, fill)
-        return torch.where(present, x, self._aligned(self.plan.base, t, start, count))
+        return torch.where(present, x, base if base is not None else self._aligned(self.plan.base, t, start, count))
 
     def delta(self, i: int, t: TensorPlan, start: int, count: int, base: torch.Tensor | None, copy: bool = True,
               out: torch.Tensor | None = None) -> torch.Tensor:
@@ -269,7 +270,7 @@ class TensorComputer:
         if src.artifact is not None and src.artifact.is_sparse(t.name):  # stored output values: rebuilt on the base
             d = src.artifact.sparse_delta(t.name, start, count, base)
             return d if out is None else out.copy_(d)
-        return self.load(src, t, start, count, out=out).sub_(base)
+        return self.load(src, t, start, count, out=out, base=base).sub_(base)
 
     def _mapped(self, t: TensorPlan) -> list[tuple[MappedFile, TensorInfo]]:
         return [self.inputs.get(src, t.name) for src in self.plan.reads(t) if src.artifact is None or not src.artifact.is_compressed(t.name)]

@@ -13,10 +13,10 @@ from pathlib import Path
 
 from weightx.errors import InputError, InputNotFoundError, PlanError, UsageError
 from weightx.io.files import copyable, read_regular
-from weightx.io.names import describe_rules, prefix_rules, renamed
-from weightx.io.quantized import fp8_scales, mxfp4_tensors, quantization_problem, scale_problem
-from weightx.io.output import CONFIG_FILES
 from weightx.edits.base import matches
+from weightx.io.names import describe_rules, matched_names
+from weightx.io.output import CONFIG_FILES
+from weightx.io.quantized import dequantized_sources
 from weightx.io.safetensors import DTYPE_NAMES, TORCH_DTYPES
 from weightx.io.sources import Source, model_type, resolve
 from weightx.pipeline.compression import plan_compression, render_compression
@@ -104,7 +104,7 @@ def build_plan(recipe: Recipe, output: str | Path | None = None, recipe_dir: Pat
         elif _inside(root, out_path):
             problems.append(f"input '{alias}' ({root}) is inside output.path {out_path}; write elsewhere")
 
-    quantized = dequantized_inputs(sources, notes)
+    quantized = dequantized_sources(sources, notes)
     if quantized:
         raise PlanError(quantized)  # nothing else about a quantized input is worth reading
     cfg = sources[recipe.config_from]
@@ -114,12 +114,11 @@ def build_plan(recipe: Recipe, output: str | Path | None = None, recipe_dir: Pat
         src = sources[alias]
         if alias == recipe.config_from or src.artifact is not None:
             continue
-        found = prefix_rules(wanted, set(src.weight_map))
+        found = matched_names(src, wanted)
         if found is not None:  # the same tensors under other names: read them under the config model's
-            rules, mapping = found
-            sources[alias] = renamed(src, mapping, rules)
-            notes.append(f"'{alias}' names its tensors differently from '{recipe.config_from}': read with {describe_rules(rules)}"
-                         f" ({len(mapping)} tensors; recorded in weightx.json)")
+            sources[alias], mapped = found
+            notes.append(f"'{alias}' names its tensors differently from '{recipe.config_from}': read with"
+                         f" {describe_rules(sources[alias].renames)} ({mapped} tensors; recorded in weightx.json)")
     base = sources[recipe.base]
     deltas = [(d, sources[d.model]) for d in recipe.deltas]
     # Transplanted deltas (`deltas.i.base`): their own bases must match names and shapes too.
@@ -216,7 +215,7 @@ def build_plan(recipe: Recipe, output: str | Path | None = None, recipe_dir: Pat
         notes += planned.notes
         tensors, distill_data = planned.tensors, planned.distill_data
     if not problems and recipe.output.format == "lora":
-        more, lora_notes, tensors = plan_lora(recipe, model_type(cfg), tensors, cfg)
+        more, lora_notes, tensors = plan_lora(recipe, kind, tensors, cfg)
         problems += more
         notes += lora_notes
     for alias, src in sources.items():
@@ -257,43 +256,6 @@ def build_plan(recipe: Recipe, output: str | Path | None = None, recipe_dir: Pat
     shards = ((ShardPlan(ADAPTER_FILE, tuple(tensors)),) if recipe.output.format == "lora"
               else tuple(split_shards(tensors, recipe.output.shard_bytes)))
     return Plan(recipe, sources, out_path, tuple(tensors), shards, tuple(notes), distill_data, recipe_dir, vocab=vocab)
-
-
-def dequantized_inputs(sources: dict[str, Source], notes: list[str]) -> list[str]:
-    """Refusals for quantized inputs weightx cannot edit; FP8 block-scaled ones are switched (in
-    `sources`) to read dequantized, their scale tensors hidden, with a note."""
-    problems = []
-    for alias, src in list(sources.items()):
-        why = quantization_problem(alias, src)
-        if why:
-            problems.append(why)
-            continue
-        if src.artifact is not None:
-            continue
-        packed, more = mxfp4_tensors(src)
-        problems += more
-        if packed:
-            parts = {n for q in packed.values() for n in (q.blocks[1].name, q.scales[1].name)}
-            wm = {n: s for n, s in src.weight_map.items() if n not in parts} | {n: q.blocks[0] for n, q in packed.items()}
-            src = sources[alias] = dataclasses.replace(src, weight_map=wm, mxfp4=packed)
-            notes.append(f"'{alias}' holds {len(packed)} MXFP4 tensor(s) (e.g. {next(iter(packed))}): read dequantized to float32"
-                         " one expert at a time; outputs default to bfloat16 where the base is MXFP4 (set output.dtype to choose)")
-        pairs, block = fp8_scales(src)
-        if not pairs:
-            continue
-        scales = {}
-        for name, scale in pairs.items():
-            info, sinfo = src.info(name), src.info(scale)
-            bad = scale_problem(name, info.shape, sinfo.shape, block)
-            if bad:
-                problems.append(f"'{alias}': {bad}")
-            scales[name] = (src.weight_map[scale], sinfo)
-        hidden = set(pairs.values())
-        sources[alias] = dataclasses.replace(src, weight_map={n: s for n, s in src.weight_map.items() if n not in hidden},
-                                             fp8=scales, fp8_block=block)
-        notes.append(f"'{alias}' is FP8 block-scaled ({len(pairs)} tensors, blocks of {list(block)}): read dequantized to"
-                     " float32; outputs default to bfloat16 where the base is FP8 (set output.dtype to choose)")
-    return problems
 
 
 def _pattern(names: list[str]) -> str:

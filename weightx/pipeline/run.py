@@ -119,8 +119,12 @@ def execute(plan: Plan, *, device: str = "auto", overwrite: bool = False, progre
     (`result.extra["rejected"]`); with no previous output it becomes the output, marked as it is."""
     t0 = time.perf_counter()
     ranks = detect()
-    if ranks.active and (plan.recipe.output.format == "lora" or is_sparse(plan.recipe)):
-        raise UsageError(f"output.format: {plan.recipe.output.format} of {'a LoRA adapter' if plan.recipe.output.format == 'lora' else 'sparse edits'}"
+    lora = plan.recipe.output.format == "lora"
+    # LoRA ranks by energy and sparse parts are sized by the compute: their files are laid out after it,
+    # by one process, without the shard-by-shard resume log.
+    laid_out_after = lora or is_sparse(plan.recipe)
+    if ranks.active and laid_out_after:
+        raise UsageError(f"output.format: {plan.recipe.output.format} of {'a LoRA adapter' if lora else 'sparse edits'}"
                          " is written by one process; run it without torchrun")
     dev = pick_device(device)
     if dev.type == "cuda" and ranks.active and dev.index is None:
@@ -148,7 +152,7 @@ def execute(plan: Plan, *, device: str = "auto", overwrite: bool = False, progre
     error: BaseException | None = None
     stats: dict[str, TensorStats] = {}
     hashes: dict[str, str] = {}
-    written_here: dict[str, dict] = {}
+    mine_written: dict[str, dict] = resume.shards if not laid_out_after else {}  # shard file → its sha256 and size
     try:
         _distill(plan, dev, ranks, state, log if ranks.is_main else lambda m: None)  # before any writing
         # The bar starts with the stream: over the distillation it would show a stalled ETA.
@@ -158,12 +162,12 @@ def execute(plan: Plan, *, device: str = "auto", overwrite: bool = False, progre
         if ranks.is_main:
             _preload("huggingface_hub.repocard")  # the card needs it at the end; import while streaming
         try:
-            if plan.recipe.output.format == "lora":  # one adapter file, its ranks known only after each SVD
+            if lora:  # one adapter file, its ranks known only after each SVD
                 stats, facts = write_lora(plan, tmp, dev, state)
                 state.records["lora"] = [{k: v for k, v in facts.items() if k not in ("sha256", "size")}]
-                written_here = {ADAPTER_FILE: {"sha256": facts["sha256"], "size": facts["size"]}}
-            elif is_sparse(plan.recipe):  # the shard layout follows the counts of changed entries
-                plan, stats, written_here = write_sparse(plan, tmp, dev, state, update)
+                mine_written = {ADAPTER_FILE: {"sha256": facts["sha256"], "size": facts["size"]}}
+            elif laid_out_after:  # sparse: the shard layout follows the counts of changed entries
+                plan, stats, mine_written = write_sparse(plan, tmp, dev, state, update)
             else:
                 stats = write_shards(plan, tmp, dev, update, shards=[s for s in mine if s.filename not in adopted], on_shard=resume.add,
                                      run=state, pacer=pacer)
@@ -189,7 +193,7 @@ def execute(plan: Plan, *, device: str = "auto", overwrite: bool = False, progre
             if error is not None:
                 raise _user_error(error, plan.out_path, tmp)
             raise RankFailed("another rank failed; nothing was written (see its error above)")
-        parts = ranks.gather((stats, hashes, written_here if plan.recipe.output.format == "lora" or is_sparse(plan.recipe) else resume.shards))
+        parts = ranks.gather((stats, hashes, mine_written))
         if ranks.is_main:
             all_stats = {k: v for st, _, _ in parts for k, v in st.items()}
             all_hashes = {k: v for _, hs, _ in parts for k, v in hs.items()}

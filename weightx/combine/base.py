@@ -28,6 +28,11 @@ class CombineConfig(BaseModel):
         """The run-level phase this configured combine needs before writing, or None."""
         return None
 
+    def linear(self, weights: list[float]) -> tuple[list[float], float | None] | None:
+        """(w, W) when this configured combine is Σ_i w_i·δ_i computed as `weighted_sum` (then ÷ W,
+        None: no division), so the engine may fuse it (`weightx.kernels.fused`); None otherwise."""
+        return None
+
     def check(self, weights: list[float]) -> str | None:
         """What makes this combine unusable with these delta weights (one line saying what to
         change), or None; the recipe reports it before anything is read."""

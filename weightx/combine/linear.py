@@ -39,6 +39,13 @@ class Linear(CombineConfig):
             return "linear with normalize: true divides by the sum of the weights (and base_weight), which is 0; change a weight or set normalize: false"
         return None
 
+    def linear(self, weights: list[float]) -> tuple[list[float], float | None] | None:
+        if self.check(weights):
+            return None
+        if self.normalize:
+            return weights, self.total(weights)
+        return (weights, None) if self.total(weights) == 1.0 else None  # else the base joins the sum
+
     def combine(self, deltas: list[torch.Tensor], weights: list[float], ctx: TensorContext) -> torch.Tensor:
         problem = self.check(weights)
         if problem:

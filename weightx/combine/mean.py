@@ -17,3 +17,6 @@ class Mean(CombineConfig):
     def combine(self, deltas: list[torch.Tensor], weights: list[float], ctx: TensorContext) -> torch.Tensor:
         out = weighted_sum(deltas, weights)
         return out if len(deltas) == 1 else out.div_(len(deltas))
+
+    def linear(self, weights: list[float]) -> tuple[list[float], float | None]:
+        return weights, (len(weights) if len(weights) > 1 else None)

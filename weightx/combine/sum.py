@@ -27,3 +27,6 @@ class Sum(CombineConfig):
 
     def combine(self, deltas: list[torch.Tensor], weights: list[float], ctx: TensorContext) -> torch.Tensor:
         return weighted_sum(deltas, weights)
+
+    def linear(self, weights: list[float]) -> tuple[list[float], float | None]:
+        return weights, None

@@ -106,6 +106,11 @@ class EditConfig(BaseModel):
         """The run-level phase this configured edit needs before writing (one of `prepasses`), or None."""
         return None
 
+    def linear_factor(self) -> float | None:
+        """c when this configured edit is δ ← c·δ (then the engine may fuse it into one pass over
+        the inputs, `weightx.kernels.fused`); None otherwise."""
+        return None
+
     def kept_fraction(self) -> float | None:
         """The share of entries this configured edit leaves non-zero, for storing its output sparsely
         (`format: delta` without a compressing edit); None: it does not zero entries."""

@@ -24,5 +24,8 @@ class Expo(EditConfig):
     def apply(self, delta: torch.Tensor, ctx: TensorContext) -> torch.Tensor:
         return delta.mul_(1.0 + self.alpha)
 
+    def linear_factor(self) -> float:
+        return 1.0 + self.alpha
+
     def describe(self) -> str:
         return f"ExPO extrapolation α={self.alpha:g}"

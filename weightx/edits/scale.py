@@ -19,5 +19,8 @@ class Scale(EditConfig):
     def apply(self, delta: torch.Tensor, ctx: TensorContext) -> torch.Tensor:
         return delta.mul_(self.factor)
 
+    def linear_factor(self) -> float:
+        return self.factor
+
     def describe(self) -> str:
         return f"scale ×{self.factor:g}"

@@ -29,6 +29,7 @@ from weightx.io.provenance import Pacer
 from weightx.io.quantized import dequantize, dequantize_mxfp4
 from weightx.io.safetensors import DTYPES, MappedFile, TensorInfo
 from weightx.io.sources import Source
+from weightx.kernels import fused
 from weightx.kernels.topk import PooledBlocks
 from weightx.pipeline.plan import Plan, TensorPlan
 from weightx.pipeline.state import RunState
@@ -212,6 +213,7 @@ class TensorComputer:
         # (delta index, edit index) or "combine"; dropped when the tensor is finished.
         self._states: dict[str, dict] = {}
         self._state_lock = threading.Lock()
+        self._fused: dict[str, Fused | None] = {}  # per tensor, decided on its first block
 
     def load(self, src: Source, t: TensorPlan, start: int, count: int,
              out: torch.Tensor | None = None, base: torch.Tensor | None = None) -> torch.Tensor:
@@ -518,12 +520,54 @@ class TensorComputer:
         self.release(t)
         return out.view(t.shape)
 
+    def fusable(self, t: TensorPlan) -> Fused | None:
+        """How tensor t runs in one pass (`weightx.kernels.fused`), or None for the general path: on
+        the CPU, every input and the output bf16 and read as stored (no artifact, transplant, token
+        alignment or quantization), every edit δ ← c·δ (at most MAX_FACTORS per delta) and the
+        combine a weighted sum. Same bytes either way; only the time differs."""
+        if t.name in self._fused:
+            return self._fused[t.name]
+        plan, spec = self.plan, None
+        combine = self.combine_of(t)
+        lin = combine.linear(list(self.weights_of(t))) if combine.elementwise else None
+        factors = [[e.linear_factor() for e in es] for es in t.edits]
+        srcs = [plan.base] + [src for _, src in plan.deltas]
+        if (self.device.type == "cpu" and t.edit and t.codec is None and t.rows is None and t.out_dtype == "BF16"
+                and lin is not None and all(f is not None for fs in factors for f in fs)
+                and all(len(fs) <= fused.MAX_FACTORS for fs in factors)
+                and all(b is None for b in self._own_base) and self.run.entry(plan.recipe.combine, t.name) is None
+                and all(s.artifact is None and t.name in s.weight_map and t.name not in s.fp8 and t.name not in s.mxfp4
+                        and self.inputs.get(s, t.name)[1].dtype == "BF16" for s in srcs)
+                and fused.available()):
+            spec = Fused(factors, lin[0], lin[1])
+        self._fused[t.name] = spec
+        return spec
+
+    def _fused_block(self, t: TensorPlan, spec: Fused, start: int, count: int,
+                     part: Partial | None) -> torch.Tensor | None:
+        """An output block in one pass, its norms into `part`; None if an output is not finite."""
+        views = [mf.view(info, start, count) for mf, info in
+                 (self.inputs.get(s, t.name) for s in [self.plan.base] + [src for _, src in self.plan.deltas])]
+        got = fused.linear_bf16(views[0], views[1:], spec.factors, spec.weights, spec.divisor)
+        if got is None:
+            return None
+        out, before, after, combined = got
+        if part is not None:
+            part.before, part.after, part.combined = before, after, combined
+        return out
+
     def compute(self, t: TensorPlan, start: int, count: int, stats: TensorStats | None = None) -> tuple[torch.Tensor, Partial | None]:
         """One output block (flat, output dtype, on the CPU) and its partial sums for the stats."""
         if not t.edit:
             mf, info = self.inputs.get(self.plan.config_source, t.name)
             return mf.view(info, start, count), None
         part = Partial(len(self.aliases)) if stats is not None else None
+        spec = self.fusable(t)
+        if spec is not None and count:
+            out = self._fused_block(t, spec, start, count, part)
+            if out is not None:
+                return out, part
+            # A NaN/Inf or overflowing output: the general path below owns its bytes and its message.
         base, combined = self.combined(t, start, count, part)
         x = base.add_(combined)
         out_dtype = DTYPES[t.out_dtype]
@@ -594,6 +638,15 @@ class _BlockSource(PooledBlocks):
         finally:
             for fut in window:
                 fut.cancel()
+
+
+@dataclass(frozen=True)
+class Fused:
+    """A tensor's formula as the fused kernel takes it: per delta its factors, the weights, the divisor."""
+
+    factors: list[list[float]]
+    weights: list[float]
+    divisor: float | None
 
 
 @dataclass

@@ -43,12 +43,14 @@ DEFAULT_GENERATOR = REPO.parent / "shared" / "bench" / "gen_checkpoints.py"
 DEFAULT_MERGEKIT_VENV = HERE / ".venv-mergekit"
 STAMP = ".bench-complete.json"
 ROLES = ("base", "sft", "dpo")
-TOOLS = ("weightx", "weightx-warm", "weightx-nohash", "mergekit", "floor")
+TOOLS = ("weightx", "weightx-warm", "weightx-nohash", "weightx-general", "mergekit", "floor")
 DEFAULT_TOOLS = ("weightx", "mergekit", "floor")
 # weightx contenders: the product (first run: it hashes its inputs), a rerun whose input hashes are
 # cached, and a comparison-only run without provenance (WEIGHTX_BENCH_NO_HASH: no input or output
-# sha256; the product never skips them) that prices the hashing as its own line.
-WEIGHTX_TOOLS = ("weightx", "weightx-warm", "weightx-nohash")
+# sha256; the product never skips them) that prices the hashing as its own line, and a first run
+# with the fused bf16 kernel switched off (WEIGHTX_FUSED=0: the general torch path it replaced).
+# Every weightx run that hashes records its shards' sha256: the table says whether they all agree.
+WEIGHTX_TOOLS = ("weightx", "weightx-warm", "weightx-nohash", "weightx-general")
 # Presets the generator does not know: its default preset with these sizes.
 SIZE_PRESETS = {
     # Llama-2-7B's shape: 6.74B parameters, 13.5 GB per checkpoint in bf16 (3 checkpoints: 40 GB).
@@ -307,6 +309,17 @@ class Run:
     output_bytes: int = 0
     timed_out: bool = False
     stderr_tail: str = ""
+    shard_sha256: Optional[List[str]] = None  # from the output's weightx.json (weightx runs that hash)
+
+
+def _shard_hashes(out: Path) -> Optional[List[str]]:
+    """The shards' sha256 a weightx output records (None when it recorded none)."""
+    try:
+        shards = json.loads((out / "weightx.json").read_text())["output"]["shards"]
+        hashes = [s.get("sha256") for s in shards]
+        return hashes if all(hashes) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _dir_bytes(path: Path) -> int:
@@ -831,11 +844,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                         renv = dict(env, WEIGHTX_CACHE=str(cache))
                         if tool.startswith("weightx-nohash"):
                             renv["WEIGHTX_BENCH_NO_HASH"] = "1"
+                        if tool.startswith("weightx-general"):
+                            renv["WEIGHTX_FUSED"] = "0"
                     res = measure(cmd, cwd=cdir, env=renv, log=log, timeout=args.timeout,
                                   interval=args.interval, gpu=gpu and tool != "floor")
                     run = Run(case=name, tool=tool, repeat=rep, cmd=cmd, **res)
                     run.ok = run.returncode == 0 and not run.timed_out
                     run.output_bytes = _dir_bytes(out) if out.exists() else 0
+                    run.shard_sha256 = _shard_hashes(out) if tool in wx_tools else None
                     if not run.ok:
                         run.stderr_tail = _tail(log)
                         if tool in wx_tools and UNKNOWN_EDIT.search(run.stderr_tail):
@@ -894,6 +910,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     env_info["total_s"] = round(time.perf_counter() - t_start, 1)
     for name, why in skipped.items():
         notes.append(f"{name} skipped: {why}")
+    for case in dict.fromkeys(r.case for r in runs):
+        hashed = {(r.tool, r.repeat): tuple(r.shard_sha256) for r in runs if r.case == case and r.ok and r.shard_sha256}
+        if len(hashed) > 1:
+            same = len(set(hashed.values())) == 1
+            notes.append(f"{case}: the {len(hashed)} weightx outputs that recorded shard sha256 "
+                         + ("are byte-identical (same hashes)" if same else "DIFFER: " + json.dumps(
+                             {f"{t}#{r}": h[0][:12] for (t, r), h in hashed.items()})))
 
     print(f"\n### weightx vs mergekit vs I/O floor — preset `{args.preset}`"
           + (f" ({' '.join(env_info['generator_args'])})" if env_info["generator_args"] else "")

@@ -25,6 +25,12 @@ from weightx.testing import load_state_dict
 pytestmark = pytest.mark.skipif(not fused.available(), reason="numba is not installed")
 
 
+@pytest.fixture(autouse=True)
+def fused_on(monkeypatch):
+    """The test models are below the size from which runs take the fused path by themselves."""
+    monkeypatch.setenv("WEIGHTX_FUSED", "1")
+
+
 def general(base: torch.Tensor, models: list[torch.Tensor], factors: list[list[float]], weights: list[float],
             divisor: float | None) -> torch.Tensor:
     """The engine's general path for this formula: the same torch calls, in its order."""
@@ -168,7 +174,7 @@ def run_both(doc: dict, tmp_path: Path, monkeypatch) -> tuple[Path, Path, int]:
     calls = spy.calls
     monkeypatch.setenv("WEIGHTX_FUSED", "0")
     plain = weightx.apply({**doc, "output": {**doc["output"], "path": str(tmp_path / "general")}}).path
-    monkeypatch.delenv("WEIGHTX_FUSED")
+    monkeypatch.setenv("WEIGHTX_FUSED", "1")
     assert spy.calls == calls  # the switch turns it off
     return Path(fast), Path(plain), calls
 
@@ -246,10 +252,24 @@ def test_nonfinite_blocks_same_bytes_and_same_error(merge_family, tmp_path, monk
             weightx.apply({**doc, "output": {**doc["output"], "path": str(tmp_path / f"err{switch}")}})
         errors.append(str(e.value))
     assert errors[0] == errors[1] and "index 37" in errors[0]
-    monkeypatch.delenv("WEIGHTX_FUSED")
+    monkeypatch.setenv("WEIGHTX_FUSED", "1")
     warn = {**doc, "output": {**doc["output"], "on_nonfinite": "warn"}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NonFiniteWarning)
         fast, plain, calls = run_both(warn, tmp_path, monkeypatch)
     assert calls > 0
     same_files(fast, plain)
+
+
+def test_small_runs_keep_the_general_path_unless_asked(family, tmp_path, monkeypatch):
+    """Loading numba costs more than it saves below AUTO_MIN_ELEMENTS edited elements."""
+    spy = Spy(monkeypatch)
+    monkeypatch.delenv("WEIGHTX_FUSED")
+    doc = {"models": {"sft": str(family["sft"]), "dpo": str(family["dpo"])}, "base": "sft",
+           "deltas": [{"model": "dpo", "edits": [{"expo": {"alpha": 0.3}}]}]}
+    weightx.apply({**doc, "output": {"path": str(tmp_path / "auto")}})
+    assert spy.calls == 0
+    monkeypatch.setattr(fused, "AUTO_MIN_ELEMENTS", 1)
+    weightx.apply({**doc, "output": {"path": str(tmp_path / "big")}})
+    assert spy.calls > 0
+    same_files(tmp_path / "auto", tmp_path / "big")

@@ -58,6 +58,12 @@ def _intra_op(threads: int, active: bool) -> Iterator[None]:
             torch.set_num_threads(1)
 
 
+# Output blocks waiting for the disk or for the hash, at most (a single larger block still passes).
+# Counted in bytes, not blocks: the fused path's blocks are 4x larger, and where the hash is the
+# slowest stage the queues stay full (16 + 8 blocks of 8 MB were 190 MB of the 7B run's peak).
+QUEUED_BYTES = 48 << 20
+
+
 class _Writer(threading.Thread):
     """Drains (writer, tensor) items so disk writes overlap the next block's compute. The sha256 of
     each shard runs on a second thread in write order: hashing (1.8 GB/s) costs about as much as
@@ -65,8 +71,10 @@ class _Writer(threading.Thread):
 
     def __init__(self, on_bytes: Callable[[int], None], on_shard: Callable[[ShardWriter], None] | None = None):
         super().__init__(name="weightx-writer", daemon=True)
-        self.q: queue.Queue = queue.Queue(maxsize=8)
-        self.hq: queue.Queue = queue.Queue(maxsize=16)
+        self.q: queue.Queue = queue.Queue()
+        self.hq: queue.Queue = queue.Queue()
+        self._queued = 0  # bytes of blocks put and not yet written and hashed (QUEUED_BYTES)
+        self._room = threading.Condition()
         self.error: BaseException | None = None
         self.on_bytes = on_bytes
         self.on_shard = on_shard
@@ -99,9 +107,12 @@ class _Writer(threading.Thread):
                         writer.write_raw(raw)
                         if self.hashing:
                             self.hq.put((writer, raw))
+                        else:
+                            self._done(raw.nbytes)
                         self.on_bytes(raw.nbytes)
                 except BaseException as e:
                     self.error = e
+                    self._done(None)
         finally:
             self.hq.put(None)
 
@@ -116,6 +127,7 @@ class _Writer(threading.Thread):
             try:
                 if raw is not None:
                     writer.hash_raw(raw)
+                    self._done(raw.nbytes)
                 else:
                     if self.hashing:
                         writer.finish_hash()
@@ -123,8 +135,21 @@ class _Writer(threading.Thread):
                         self.on_shard(writer)
             except BaseException as e:
                 self.error = e
+                self._done(None)
+
+    def _done(self, nbytes: int | None) -> None:
+        """A block is written and hashed (None: a stage failed, so nobody waits for room again)."""
+        with self._room:
+            self._queued = 0 if nbytes is None else self._queued - nbytes
+            self._room.notify_all()
 
     def put(self, writer: ShardWriter, data: torch.Tensor | None) -> None:
+        if data is not None:
+            n = data.numel() * data.element_size()
+            with self._room:
+                while self._queued and self._queued + n > QUEUED_BYTES and self.error is None:
+                    self._room.wait(1.0)
+                self._queued += n
         if self.error is not None:
             raise self.error
         self.q.put((writer, data))

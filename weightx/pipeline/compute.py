@@ -35,10 +35,6 @@ from weightx.pipeline.plan import Plan, TensorPlan
 from weightx.pipeline.state import RunState
 
 BLOCK_ELEMENTS = 1 << 20
-# The default block of a tensor the fused kernel computes (`TensorComputer.fusable`): it keeps no
-# float32 copies, so a larger block costs only its bf16 output, and a quarter of the per-block
-# Python work (7B ExPO: 23.6 s of user CPU against 26.2 s with 1M-element blocks).
-FUSED_BLOCK_ELEMENTS = 1 << 22
 # A streamed tensor's float32 deltas are decoded once and kept for its pre-passes and final blocks,
 # instead of re-read from the mappings on every pass, for as many leading blocks as fit in this
 # many bytes (the rest re-read). A fixed budget, so peak memory does not grow with the model. On
@@ -310,8 +306,6 @@ class TensorComputer:
         """(start, count) of each block: whole tensors unless every step is elementwise or streams."""
         n = t.numel
         step = self.block if (t.elementwise or not t.edit or self.streams(t)) else max(n, 1)
-        if self.block == BLOCK_ELEMENTS and t.edit and self.fusable(t) is not None:
-            step = FUSED_BLOCK_ELEMENTS
         return [(s, min(step, n - s)) for s in range(0, max(n, 1), step)]
 
     def _edited(self, t: TensorPlan, states: dict, start: int, count: int, base: torch.Tensor | None, i: int, upto: int,

@@ -273,3 +273,35 @@ def test_small_runs_keep_the_general_path_unless_asked(family, tmp_path, monkeyp
     weightx.apply({**doc, "output": {"path": str(tmp_path / "big")}})
     assert spy.calls > 0
     same_files(tmp_path / "auto", tmp_path / "big")
+
+
+_LOADS_NUMBA = """
+import json, sys
+import weightx
+weightx.apply(json.loads(sys.argv[1]))
+print(json.dumps(sorted({m.split(".")[0] for m in sys.modules} & {"numba", "llvmlite"})))
+"""
+
+
+def test_numba_is_loaded_only_for_a_tensor_the_kernel_runs(merge_family, tmp_path):
+    """numba's import costs ~20 MB and ~0.4 s: a TIES or DARE run (no tensor it can fuse) never pays it,
+    however large the run or whatever WEIGHTX_FUSED says."""
+    import os
+    import subprocess
+    import sys
+
+    docs = recipes(merge_family, tmp_path / "x")
+    out = lambda name: {**docs["expo"]["output"], "path": str(tmp_path / name)}  # noqa: E731
+    cases = {
+        "ties": {**docs["sum"], "output": out("ties"), "combine": {"ties": {"density": 0.5}}},
+        "dare": {**docs["expo"], "output": out("dare"), "deltas": [{"model": "math", "edits": [{"dare": {"drop": 0.5, "seed": 1}}]}]},
+        "expo": {**docs["expo"], "output": out("expo")},  # the control: it does load numba
+    }
+    env = {**os.environ, "WEIGHTX_FUSED": "1"}
+    loaded = {}
+    for name, doc in cases.items():
+        got = subprocess.run([sys.executable, "-c", _LOADS_NUMBA, json.dumps(doc)], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert got.returncode == 0, got.stderr[-2000:]
+        loaded[name] = json.loads(got.stdout.strip().splitlines()[-1])
+    assert loaded == {"ties": [], "dare": [], "expo": ["llvmlite", "numba"]}

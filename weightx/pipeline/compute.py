@@ -538,7 +538,8 @@ class TensorComputer:
                 and all(len(fs) <= fused.MAX_FACTORS for fs in factors)
                 and all(b is None for b in self._own_base) and self.run.entry(plan.recipe.combine, t.name) is None
                 and all(s.artifact is None and t.name in s.weight_map and t.name not in s.fp8 and t.name not in s.mxfp4
-                        and self.inputs.get(s, t.name)[1].dtype == "BF16" for s in srcs)):
+                        and self.inputs.get(s, t.name)[1].dtype == "BF16" for s in srcs)
+                and fused.available()):  # last: loads numba, which only a qualifying tensor should pay for
             spec = Fused(factors, lin[0], lin[1])
         self._fused[t.name] = spec
         return spec

@@ -39,9 +39,10 @@ BLOCK_ELEMENTS = 1 << 20
 # instead of re-read from the mappings on every pass, for as many leading blocks as fit in this
 # many bytes (the rest re-read). A fixed budget, so peak memory does not grow with the model. On
 # a 7B-shaped TIES, caching nothing cost ~7 % of the time; whole attention matrices (160 MB) put
-# the peak over 400 MB; 64 MB of leading blocks kept the time and ~60 MB of headroom. The base is
-# not kept: only the final blocks use it, and converting it again costs what copying it would.
-PASS_CACHE_BYTES = 64 << 20
+# the peak over 400 MB; 64 MB of leading blocks kept the time but peaked at 414-426 MB on a slower
+# VM; 32 MB measured 367 MB there in the same time (150 s against 155-171 s). The base is not
+# kept: only the final blocks use it, and converting it again costs what copying it would.
+PASS_CACHE_BYTES = 32 << 20
 
 
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")

@@ -244,3 +244,48 @@ def test_the_hash_cache_forgets_files_that_are_gone(tmp_path, monkeypatch):
     Hasher([g]).result()
     keys = json.loads(provenance.cache_path().read_text())
     assert len(keys) == 2 and not any(k.startswith(str(files[0]) + "|") for k in keys)
+
+
+@pytest.mark.parametrize("stops", [[None], [1, 700 * KB, 1 << 20, (1 << 20) + 1, None], [5 * KB, 3 << 20, None]])
+def test_stepwise_hash_through_the_buffer_is_the_file_sha256(tmp_path, monkeypatch, stops):
+    """Hashed in pieces of the 1 MB buffer (shrunk here to 64 KB), stopping anywhere: the file's sha256."""
+    monkeypatch.setattr(provenance._Running, "BUFFER", 64 * KB)
+    p = tmp_path / "f.bin"
+    p.write_bytes(os.urandom((2 << 20) + 12345))
+    run = provenance._Running(p)
+    for limit in stops:
+        done = run.advance(limit)
+        assert run.pos == (p.stat().st_size if limit is None else min(limit, p.stat().st_size))
+        assert done == (limit is None or limit >= p.stat().st_size)
+    assert run.digest == hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_a_file_that_shrinks_between_steps_is_an_error_not_a_wrong_hash(tmp_path):
+    p = tmp_path / "f.bin"
+    p.write_bytes(os.urandom(3 << 20))
+    run = provenance._Running(p)
+    run.advance(1 << 20)
+    os.truncate(p, 2 << 20)
+    with pytest.raises(OSError, match="changed size"):
+        run.advance(None)
+    assert run.digest is None
+
+
+def test_a_file_truncated_under_a_step_is_an_error_not_a_wrong_hash(tmp_path, monkeypatch):
+    """The size is checked when a step opens the file; pread then meets the end early."""
+    p = tmp_path / "f.bin"
+    p.write_bytes(os.urandom(3 << 20))
+    run = provenance._Running(p)
+    real = os.preadv
+    calls = []
+
+    def shrinking(fd, bufs, pos):
+        calls.append(pos)
+        if len(calls) == 2:
+            os.truncate(p, 1 << 20)
+        return real(fd, bufs, pos)
+
+    monkeypatch.setattr(provenance.os, "preadv", shrinking)
+    with pytest.raises(OSError, match="truncated while weightx hashed it"):
+        run.advance(None)
+    assert run.digest is None

@@ -8,7 +8,6 @@ dtypes, offsets inside the file, and no overlaps. A tensor is a zero-copy view o
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import mmap
@@ -22,6 +21,7 @@ from typing import BinaryIO
 import torch
 
 from weightx.errors import InputError
+from weightx.kernels.sha256 import Sha256
 from weightx.io.direct import SequentialFile
 from weightx.io.files import open_regular
 
@@ -283,7 +283,7 @@ class ShardWriter:
         header, _ = layout_header(tensors, metadata)
         self.total = len(header) + sum(t.nbytes for t in tensors)
         self.sha256: str | None = None  # set by close(): the file's hash, computed as it is written
-        self._hash = hashlib.sha256(header)
+        self._hash = Sha256(header, expected=self.total)
         self._hash_on_close = hash_on_close  # False: another thread hashes and calls finish_hash
         self._f = SequentialFile(path)
         self._f.write(header)
@@ -305,7 +305,7 @@ class ShardWriter:
         self._written += raw.nbytes
 
     def hash_raw(self, raw: memoryview) -> None:
-        self._hash.update(raw)  # releases the GIL on large buffers
+        self._hash.update(raw)  # staged through L2, no GIL held while hashing
 
     def close(self) -> None:
         """Flush and fsync; then `finish_hash` (after the last `hash_raw`) sets sha256."""

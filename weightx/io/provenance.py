@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 
 from weightx.io.files import is_regular, open_regular
-from weightx.kernels.sha256 import STAGE, Sha256
+from weightx.io.sha256 import STAGE, Sha256
 
 CHUNK = 8 << 20
 MAX_CACHED = 4096
@@ -88,7 +88,7 @@ def sha256_file(path: Path) -> str:
 class _Running:
     """One file's hash in progress, in steps of at most CHUNK, so a paced thread can stop anywhere and
     another can go on from there. Each step is read with pread into a buffer of the hash's L2 size
-    (`kernels.sha256.STAGE`) and hashed there: sha256 fed from the mapped page-cache pages stalls
+    (`io.sha256.STAGE`) and hashed there: sha256 fed from the mapped page-cache pages stalls
     on every load from DRAM (0.99 GB per CPU-second on an AVX-512 VM against 1.32 through a buffer;
     the kernel's copy streams), and pread holds no GIL and cannot SIGBUS on a file that shrinks
     under it."""
@@ -101,7 +101,7 @@ class _Running:
         self.size = path.stat().st_size
         self.pos = 0
         self.digest: str | None = None
-        self._h = Sha256(expected=self.size)
+        self._h = Sha256()
         self._lock = threading.Lock()  # one thread hashes a file at a time (early thread, then its paced one)
 
     def advance(self, limit: int | None, stop: threading.Event | None = None) -> bool:

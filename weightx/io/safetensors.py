@@ -21,9 +21,9 @@ from typing import BinaryIO
 import torch
 
 from weightx.errors import InputError
-from weightx.kernels.sha256 import Sha256
 from weightx.io.direct import SequentialFile
 from weightx.io.files import open_regular
+from weightx.io.sha256 import Sha256
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 
@@ -283,7 +283,7 @@ class ShardWriter:
         header, _ = layout_header(tensors, metadata)
         self.total = len(header) + sum(t.nbytes for t in tensors)
         self.sha256: str | None = None  # set by close(): the file's hash, computed as it is written
-        self._hash = Sha256(header, expected=self.total)
+        self._hash = Sha256(header)
         self._hash_on_close = hash_on_close  # False: another thread hashes and calls finish_hash
         self._f = SequentialFile(path)
         self._f.write(header)

@@ -68,7 +68,7 @@ QUEUED_BYTES = 48 << 20
 class _Writer(threading.Thread):
     """Drains (writer, tensor) items so disk writes overlap the next block's compute. The sha256 of
     each shard runs on a second thread in write order: hashing (~1.7 GB/s a core, staged through
-    L2 by `kernels.sha256`) costs about as much as the compute, so the thread that waits on the
+    L2 by `io.sha256`) costs about as much as the compute, so the thread that waits on the
     disk should not also do it."""
 
     def __init__(self, on_bytes: Callable[[int], None], on_shard: Callable[[ShardWriter], None] | None = None):

@@ -52,3 +52,24 @@ def test_large_buffers_go_through_the_stage_and_small_ones_do_not(monkeypatch):
     h.update(DATA[:3 * S.STAGE + 5])
     assert copies == [S.STAGE] * 3 + [5]
     assert h.hexdigest() == hashlib.sha256(DATA[:S.STAGE] + DATA[:3 * S.STAGE + 5]).hexdigest()
+
+
+def test_hashes_on_several_threads_at_once_keep_their_own_stage():
+    """The stage is per thread: two shards hashed side by side must not share it."""
+    import threading
+
+    parts = [DATA[i:] for i in range(4)]
+    out: dict[int, str] = {}
+
+    def run(i: int) -> None:
+        h = S.Sha256()
+        for _ in range(20):
+            h.update(parts[i])
+        out[i] = h.hexdigest()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert out == {i: hashlib.sha256(parts[i] * 20).hexdigest() for i in range(4)}

@@ -12,20 +12,27 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import threading
 
 import numpy as np
 
 STAGE = 256 << 10
+_local = threading.local()  # one stage per thread: a run with many shards open still has one
+
+
+def _stage() -> np.ndarray:
+    stage = getattr(_local, "stage", None)
+    if stage is None:
+        stage = _local.stage = np.empty(STAGE, dtype=np.uint8)
+    return stage
 
 
 class Sha256:
-    """`hashlib.sha256` whose `update` copies buffers larger than STAGE through an L2-sized buffer.
-
-    One instance is used by one thread at a time; the copies and the hashing hold no GIL."""
+    """`hashlib.sha256` whose `update` copies buffers larger than STAGE through an L2-sized buffer
+    (the calling thread's). The copies and the hashing hold no GIL."""
 
     def __init__(self, data: bytes | bytearray | memoryview = b""):
         self._h = hashlib.sha256()
-        self._stage: np.ndarray | None = None
         if len(data):
             self.update(data)
 
@@ -34,9 +41,8 @@ class Sha256:
         if view.nbytes <= STAGE:
             self._h.update(view)  # a small buffer is hashed where it is (a pread buffer is in L2)
             return
-        if self._stage is None:
-            self._stage = np.empty(STAGE, dtype=np.uint8)
-        stage, to = memoryview(self._stage), self._stage.ctypes.data
+        buf = _stage()
+        stage, to = memoryview(buf), buf.ctypes.data
         src = np.frombuffer(view, dtype=np.uint8).ctypes.data  # read-only buffers too: only read
         for i in range(0, view.nbytes, STAGE):
             n = min(STAGE, view.nbytes - i)

@@ -28,7 +28,7 @@ KB = 1024
 @pytest.fixture
 def small_pacing(monkeypatch):
     """Pacing windows in KB instead of MB/GB, so a few small files exercise them."""
-    monkeypatch.setattr(provenance, "CHUNK", 4 * KB)
+    monkeypatch.setattr(provenance._Running, "BUFFER", 4 * KB)
     monkeypatch.setattr(Pacer, "LOOKAHEAD", 16 * KB)
     monkeypatch.setattr(Pacer, "LAG", 64 * KB)
 

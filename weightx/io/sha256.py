@@ -3,7 +3,8 @@
 On a server core sha256 fed straight from DRAM, or from a buffer another core has just written,
 stalls on its loads: 0.7-1.1 GB/s on an AVX-512 VM with SHA extensions, against 1.7 from L2, while
 a copy streams at ~9 GB/s. So large buffers are copied through a 256 KB buffer that stays in this
-core's L2 and hashed there: a 7B merge's 13.5 GB output hash went from 19.1 to 10.7 CPU-seconds.
+core's L2 and hashed there: a 7B merge's 13.5 GB output hash went from 12.9 to 10.6 CPU-seconds
+(alternating A/B; single runs before had measured up to 19.1).
 The digests are hashlib's (it does the hashing). Input files get the same copy from pread into a
 1 MB buffer (`io.provenance`; 256 KB reads there measured 1-2 s slower on the 7B run).
 """

@@ -111,6 +111,120 @@ def test_kernel_equals_general_path_bit_for_bit(n, case):
     assert b.numel() == n
 
 
+# ---- DARE's drop mask (k = 0, elementwise rescale) as a step of the fused pass --------------------
+
+# Per delta its steps in order: ("f", c) multiplies, ("dare", drop, rescale, seed) is the edit itself.
+MASKED = [
+    ([[("dare", 0.9, "inverse_keep", 0)]], [1.0], None),  # DARE alone (the benchmark's recipe)
+    ([[("dare", 0.5, "none", None), ("f", 1.3)]], [1.0], None),  # drop, then ExPO
+    ([[("f", -0.5), ("dare", 0.3, "none", 7)]], [0.8], None),  # a negative factor before the mask: +0.0
+    ([[("dare", 0.3, "none", 7), ("f", -0.5)]], [0.8], None),  # and after it: −0.0
+    ([[("f", 1.3), ("f", -2.0), ("dare", 0.6, "none", 2)]], [1.0], None),  # mask after both factors
+    ([[("f", 1.3), ("dare", 0.25, "inverse_keep", None)]], [1.0], None),  # ExPO, then DARE with its rescale
+    # dare_linear over two deltas with their own masks, and a delta without one
+    ([[("dare", 0.9, "inverse_keep", None)], [("dare", 0.5, "inverse_keep", None)], [("f", 0.5)]],
+     [0.2, 0.3, 0.5], 3.0),
+]
+
+
+def general_steps(base, models, steps, weights, divisor, offset):
+    """The engine's general path with the real DARE edit (`Dare.apply` on a block at `offset`)."""
+    from weightx.edits.base import TensorContext
+    from weightx.edits.dare import Dare
+
+    b = base.to(torch.float32)
+    deltas = []
+    for i, (x, st) in enumerate(zip(models, steps)):
+        d = x.to(torch.float32).sub_(b)
+        ctx = TensorContext("w", (offset + d.numel(),), offset, delta=f"m{i}")
+        for step in st:
+            d = d.mul_(step[1]) if step[0] == "f" else Dare(drop=step[1], rescale=step[2], seed=step[3]).apply(d, ctx)
+        deltas.append(d)
+    edited = [d.clone() for d in deltas]  # weighted_sum works in place
+    c = weighted_sum(deltas, weights)
+    if divisor is not None:
+        c = c.div_(divisor)
+    return b.add_(c).to(torch.bfloat16), edited
+
+
+def kernel_steps(steps):
+    """The same steps as the engine hands them to the kernel (`TensorComputer._kernel_steps`)."""
+    from weightx.edits.base import TensorContext
+    from weightx.edits.dare import Dare
+
+    factors, masks = [], []
+    for i, st in enumerate(steps):
+        fs, mask = [], None
+        for step in st:
+            if step[0] == "f":
+                fs.append(step[1])
+                continue
+            drop = Dare(drop=step[1], rescale=step[2], seed=step[3]).random_drop()
+            mask = fused.Mask(TensorContext("w", (1,), delta=f"m{i}").seed_key(drop.seed), drop.drop, len(fs))
+            if drop.factor != 1.0:
+                fs.append(drop.factor)
+        factors.append(fs)
+        masks.append(mask)
+    return factors, masks
+
+
+@pytest.mark.parametrize("offset", [0, 4093, (1 << 32) - 1000])  # the last crosses 2³²: new round keys
+@pytest.mark.parametrize("n", [1, 17, 4097, 1 << 20])
+@pytest.mark.parametrize("case", range(len(MASKED)))
+def test_masked_kernel_equals_general_dare_bit_for_bit(n, case, offset):
+    steps, weights, divisor = MASKED[case]
+    base = adversarial(n, 1)
+    models = []
+    for i in range(len(steps)):
+        near = (base.float() + adversarial(n, 10 + i).float() * 1e-3).to(torch.bfloat16)
+        models.append(torch.where(torch.arange(n) % 3 == 0, adversarial(n, 20 + i), near))
+    want, edited = general_steps(base, models, steps, weights, divisor, offset)
+    factors, masks = kernel_steps(steps)
+    got = fused.linear_bf16(base, models, factors, weights, divisor, masks, offset)
+    assert got is not None
+    out, _, after, _ = got
+    assert np.array_equal(bits(out), bits(want))
+    for i in range(len(models)):
+        assert after[i] == pytest.approx(float((edited[i].double() ** 2).sum()), rel=1e-6, abs=1e-30)
+
+
+def test_masked_kernel_drops_the_papers_share_and_rescales():
+    """Independently of the general path: about p of the entries become +0.0 (from any sign), the
+    rest are the delta times 1/(1 − p), rounded once."""
+    n, p = 1 << 20, 0.9
+    base = torch.zeros(n, dtype=torch.bfloat16)
+    model = (torch.randn(n, generator=torch.Generator().manual_seed(3)) * 0.01).to(torch.bfloat16)
+    (factors,), (mask,) = kernel_steps([[("dare", p, "inverse_keep", 0)]])
+    out, before, after, _ = fused.linear_bf16(base, [model], [factors], [1.0], None, [mask], 0)
+    x, m = out.double().numpy(), model.double().numpy()
+    dropped = bits(out) == 0
+    assert abs(dropped.mean() - p) < 5 * (p * (1 - p) / n) ** 0.5
+    want = (m[~dropped].astype(np.float32) * np.float32(1 / (1 - p))).astype(np.float64)
+    assert np.allclose(x[~dropped], want, rtol=2 ** -8, atol=0)  # one bf16 rounding
+    assert before == pytest.approx([float((m ** 2).sum())], rel=1e-6)
+    assert after[0] == pytest.approx(float((want ** 2).sum()), rel=1e-5)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_masked_kernel_drops_nonfinite_entries_like_dare(value):
+    """A NaN/Inf the mask drops becomes +0.0 and the block stays on the fused path; one it keeps
+    sends the block to the general path."""
+    from weightx.kernels import rng
+
+    n = 5000
+    base = torch.randn(n, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    model = (base.float() + 0.01).to(torch.bfloat16)
+    steps = [[("dare", 0.9, "inverse_keep", 4)]]
+    factors, masks = kernel_steps(steps)
+    kept = np.concatenate([w.numpy().copy() for _, w in rng.keep_words(masks[0].key, 0, n, 0.9, torch.device("cpu"))]) != 0
+    model[torch.from_numpy(~kept)] = value
+    want, _ = general_steps(base, [model], steps, [1.0], None, 0)
+    got = fused.linear_bf16(base, [model], factors, [1.0], None, masks, 0)
+    assert got is not None and np.array_equal(bits(got[0]), bits(want))
+    model[int(np.flatnonzero(kept)[0])] = value
+    assert fused.linear_bf16(base, [model], factors, [1.0], None, masks, 0) is None
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 def test_kernel_leaves_nonfinite_blocks_to_the_general_path(value):
     base = torch.randn(5000).to(torch.bfloat16)
@@ -153,6 +267,11 @@ def recipes(f: dict[str, Path], out: Path) -> dict[str, dict]:
         "linear": {**common, "deltas": two, "combine": {"linear": {"normalize": True, "base_weight": 0.5}}},
         "task_arithmetic": {**common, "deltas": [{"model": "math", "edits": [{"scale": {"factor": 0.5}}]},
                                                  {"model": "code", "edits": [{"scale": {"factor": 0.5}}]}]},
+        "dare": {**common, "deltas": [{"model": "math", "edits": [{"dare": {"drop": 0.9, "seed": 0}}]}]},
+        # dare_linear: unseeded, so each delta gets its own mask; one drops without rescaling, then ExPO
+        "dare_linear": {**common, "combine": {"linear": {"normalize": True}}, "deltas": [
+            {"model": "math", "weight": 0.6, "edits": [{"dare": {"drop": 0.5}}]},
+            {"model": "code", "weight": 0.4, "edits": [{"dare": {"drop": 0.7, "rescale": "none"}}, {"expo": {"alpha": 0.2}}]}]},
     }
 
 
@@ -186,7 +305,7 @@ def same_files(a: Path, b: Path) -> None:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
-@pytest.mark.parametrize("name", ["expo", "sum", "mean", "linear", "task_arithmetic"])
+@pytest.mark.parametrize("name", ["expo", "sum", "mean", "linear", "task_arithmetic", "dare", "dare_linear"])
 def test_run_bytes_equal_general_path(merge_family, tmp_path, monkeypatch, name):
     doc = recipes(merge_family, tmp_path / "unused")[name]
     fast, plain, calls = run_both(doc, tmp_path, monkeypatch)
@@ -217,13 +336,37 @@ def test_other_dtypes_and_methods_keep_the_general_path(merge_family, tmp_path, 
     docs = recipes(merge_family, tmp_path / "x")
     f32 = {**docs["expo"], "output": {**docs["expo"]["output"], "path": str(tmp_path / "f32"), "dtype": "float32"}}
     weightx.apply(f32)
-    dare = {**docs["expo"], "output": {**docs["expo"]["output"], "path": str(tmp_path / "dare")},
-            "deltas": [{"model": "math", "edits": [{"dare": {"drop": 0.5, "seed": 1}}]}]}
-    weightx.apply(dare)
+    # DARE that is not a plain mask: the Unified View's k, mergekit's L1 rescale, two DAREs in a row
+    for name, edits in {"k": [{"dare": {"drop": 0.5, "k": 0.5, "seed": 1}}],
+                        "l1": [{"dare": {"drop": 0.5, "rescale": "l1", "seed": 1}}],
+                        "twice": [{"dare": {"drop": 0.5, "seed": 1}}, {"dare": {"drop": 0.2, "seed": 2}}]}.items():
+        weightx.apply({**docs["expo"], "output": {**docs["expo"]["output"], "path": str(tmp_path / name)},
+                       "deltas": [{"model": "math", "edits": edits}]})
     unnormalised = {**docs["linear"], "output": {**docs["linear"]["output"], "path": str(tmp_path / "lin")},
                     "combine": {"linear": {"normalize": False}}}  # the base joins the sum
     weightx.apply(unnormalised)
     assert spy.calls == 0
+
+
+def test_dare_blocks_of_any_size_give_the_general_bytes(merge_family, tmp_path, monkeypatch):
+    """Each block draws its mask at its own offset in the tensor: the fused run at two block sizes
+    writes the general path's files."""
+    from weightx.pipeline.engine import write_shards
+    from weightx.pipeline.planner import build_plan
+    from weightx.recipe.model import load_recipe
+
+    plan = build_plan(load_recipe(recipes(merge_family, tmp_path / "unused")["dare_linear"]))
+    assert max(t.numel for t in plan.tensors if t.edit) > 4 * 4096
+    spy = Spy(monkeypatch)
+    folders = {}
+    for switch, block in (("0", 1 << 20), ("1", 4096), ("1", 1000)):
+        monkeypatch.setenv("WEIGHTX_FUSED", switch)
+        folders[switch, block] = folder = tmp_path / f"{switch}-{block}"
+        folder.mkdir()
+        write_shards(plan, folder, torch.device("cpu"), block=block)
+    assert spy.calls > 0
+    for key, folder in folders.items():
+        same_files(folder, folders["0", 1 << 20])
 
 
 def _poisoned_family(f: dict[str, Path], tmp_path: Path, value: float) -> dict[str, Path]:
@@ -284,8 +427,8 @@ print(json.dumps(sorted({m.split(".")[0] for m in sys.modules} & {"numba", "llvm
 
 
 def test_numba_is_loaded_only_for_a_tensor_the_kernel_runs(merge_family, tmp_path):
-    """numba's import costs ~20 MB and ~0.4 s: a TIES or DARE run (no tensor it can fuse) never pays it,
-    however large the run or whatever WEIGHTX_FUSED says."""
+    """numba's import costs ~20 MB and ~0.4 s: a TIES run or a DARE with mergekit's L1 rescale (no
+    tensor it can fuse) never pays it, however large the run or whatever WEIGHTX_FUSED says."""
     import os
     import subprocess
     import sys
@@ -294,8 +437,10 @@ def test_numba_is_loaded_only_for_a_tensor_the_kernel_runs(merge_family, tmp_pat
     out = lambda name: {**docs["expo"]["output"], "path": str(tmp_path / name)}  # noqa: E731
     cases = {
         "ties": {**docs["sum"], "output": out("ties"), "combine": {"ties": {"density": 0.5}}},
+        "dare_l1": {**docs["expo"], "output": out("dare_l1"),
+                    "deltas": [{"model": "math", "edits": [{"dare": {"drop": 0.5, "rescale": "l1", "seed": 1}}]}]},
+        "expo": {**docs["expo"], "output": out("expo")},  # the controls: they do load numba
         "dare": {**docs["expo"], "output": out("dare"), "deltas": [{"model": "math", "edits": [{"dare": {"drop": 0.5, "seed": 1}}]}]},
-        "expo": {**docs["expo"], "output": out("expo")},  # the control: it does load numba
     }
     env = {**os.environ, "WEIGHTX_FUSED": "1"}
     loaded = {}
@@ -304,4 +449,4 @@ def test_numba_is_loaded_only_for_a_tensor_the_kernel_runs(merge_family, tmp_pat
                              capture_output=True, text=True, timeout=300)
         assert got.returncode == 0, got.stderr[-2000:]
         loaded[name] = json.loads(got.stdout.strip().splitlines()[-1])
-    assert loaded == {"ties": [], "dare": [], "expo": ["llvmlite", "numba"]}
+    assert loaded == {"ties": [], "dare_l1": [], "expo": ["llvmlite", "numba"], "dare": ["llvmlite", "numba"]}

@@ -57,6 +57,16 @@ class TensorContext:
         return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+@dataclass(frozen=True)
+class RandomDrop:
+    """An edit that is δ ← (δ with the entries `rng.keep_words(ctx.seed_key(seed), …, drop)` drops set
+    to +0.0) · factor, the factor skipped when it is 1: DARE with k = 0 and an elementwise rescale."""
+
+    drop: float
+    factor: float
+    seed: int | None
+
+
 def matches(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
@@ -109,6 +119,10 @@ class EditConfig(BaseModel):
     def linear_factor(self) -> float | None:
         """c when this configured edit is δ ← c·δ (then the engine may fuse it into one pass over
         the inputs, `weightx.kernels.fused`); None otherwise."""
+        return None
+
+    def random_drop(self) -> RandomDrop | None:
+        """This configured edit as a `RandomDrop` (then the engine may fuse it too); None otherwise."""
         return None
 
     def kept_fraction(self) -> float | None:

@@ -35,7 +35,7 @@ from pydantic import field_validator
 from pydantic_core import PydanticCustomError
 
 from weightx.kernels import rng
-from weightx.edits.base import EditConfig, TensorContext
+from weightx.edits.base import EditConfig, RandomDrop, TensorContext
 from weightx.kernels.topk import each_block
 
 PAPER = "https://arxiv.org/abs/2311.03099"
@@ -140,6 +140,11 @@ class Dare(EditConfig):
     rescale: Rescale = "inverse_keep"
     k: float = 0.0
     seed: int | None = None  # None: independent per delta (see the module doc)
+
+    def random_drop(self) -> RandomDrop | None:
+        if self.k != 0.0 or not self.elementwise:
+            return None
+        return RandomDrop(self.drop, survivor_factor(self.drop, self.k, self.rescale), self.seed)
 
     def kept_fraction(self) -> float | None:
         return 1.0 - self.drop if self.k == 0.0 else None  # k ≠ 0 scales the dropped entries instead

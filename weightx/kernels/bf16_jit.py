@@ -37,6 +37,43 @@ def edited(b, h, f1, f2, w, acc, row, j):  # w·((θ − base)·f1·f2), one rou
     return d * w
 
 
+# lowbias32 (`weightx.kernels.rng`) on uint32 words: the casts keep numba's arithmetic in 32 bits.
+C1, C2 = u32(0x7FEB352D), u32(0x846CA68B)
+ALL = u32(0xFFFFFFFF)
+
+
+@inline
+def mix(x):
+    x = u32(x ^ u32(x >> u32(16)))
+    x = u32(x * C1)
+    x = u32(x ^ u32(x >> u32(15)))
+    x = u32(x * C2)
+    return u32(x ^ u32(x >> u32(16)))
+
+
+@inline
+def keep_word(lo, k0, k1, t24):  # one word of `rng.keep_words`: all ones where kept, 0 where dropped
+    h = mix(u32(mix(u32(lo ^ k0)) ^ k1))
+    return ALL if u32(h >> u32(8)) >= t24 else u32(0)
+
+
+@inline
+def clear(d, m):  # float32 bits AND m: a dropped entry becomes +0.0, as `dare_` makes it
+    return u32(f32(d).view(u32) & m).view(f32)
+
+
+@inline
+def edited_masked(b, h, word, at0, at1, at2, f1, f2, w, acc, row, j):
+    # As `edited`, with the drop mask at one of three places (at_p is 0 there, all ones elsewhere).
+    d = widen(h) - b
+    acc[row, j] += d * d
+    d = clear(d, word | at0) * f1
+    d = clear(d, word | at1) * f2
+    d = clear(d, word | at2)
+    acc[row + 1, j] += d * d
+    return d * w
+
+
 @inline
 def output(b, c, divisor, out, i, acc, row, j):  # base + c (÷ divisor), rounded; its square checks finiteness
     if divisor != f32(1.0):
@@ -63,6 +100,41 @@ def single_tail(base, model, f1, f2, w, divisor, out, acc):  # pragma: no cover 
     for k in range(base.size):
         b = widen(base[k])
         output(b, edited(b, model[k], f1, f2, w, acc, 0, k), divisor, out, k, acc, 2, k)
+
+
+@jit
+def single_masked(base, model, lo, k0, k1, t24, at0, at1, at2, f1, f2, w, divisor, out, acc):  # pragma: no cover - compiled
+    for k in range(0, base.size, LANES):
+        for j in range(LANES):
+            b = widen(base[k + j])
+            word = keep_word(u32(lo + u32(k + j)), k0, k1, t24)
+            d = edited_masked(b, model[k + j], word, at0, at1, at2, f1, f2, w, acc, 0, j)
+            output(b, d, divisor, out, k + j, acc, 2, j)
+
+
+@jit
+def single_masked_tail(base, model, lo, k0, k1, t24, at0, at1, at2, f1, f2, w, divisor, out, acc):  # pragma: no cover - compiled
+    for k in range(base.size):
+        b = widen(base[k])
+        word = keep_word(u32(lo + u32(k)), k0, k1, t24)
+        output(b, edited_masked(b, model[k], word, at0, at1, at2, f1, f2, w, acc, 0, k), divisor, out, k, acc, 2, k)
+
+
+@jit
+def add_delta_masked(base, model, lo, k0, k1, t24, at0, at1, at2, f1, f2, w, first, c, acc):  # pragma: no cover - compiled
+    for k in range(0, base.size, LANES):
+        for j in range(LANES):
+            word = keep_word(u32(lo + u32(k + j)), k0, k1, t24)
+            d = edited_masked(widen(base[k + j]), model[k + j], word, at0, at1, at2, f1, f2, w, acc, 0, j)
+            c[k + j] = d if first else c[k + j] + d
+
+
+@jit
+def add_delta_masked_tail(base, model, lo, k0, k1, t24, at0, at1, at2, f1, f2, w, first, c, acc):  # pragma: no cover - compiled
+    for k in range(base.size):
+        word = keep_word(u32(lo + u32(k)), k0, k1, t24)
+        d = edited_masked(widen(base[k]), model[k], word, at0, at1, at2, f1, f2, w, acc, 0, k)
+        c[k] = d if first else c[k] + d
 
 
 @jit
@@ -136,4 +208,32 @@ def run_finish(base, c, divisor, out, acc, row):  # pragma: no cover - compiled
         mid = e - (e - s) % LANES
         finish(base[s:mid], c[s:mid], divisor, out[s:mid], lanes)
         finish_tail(base[mid:e], c[mid:e], divisor, out[mid:e], lanes)
+        flush(lanes, acc, row)
+
+
+@jit
+def run_single_masked(base, model, lo, k0, k1, t24, at0, at1, at2, f1, f2, w, divisor, out, acc):  # pragma: no cover - compiled
+    lanes = np.zeros((4, LANES), dtype=np.float32)
+    n = base.size
+    for s in range(0, n, CHUNK):
+        e = min(s + CHUNK, n)
+        mid = e - (e - s) % LANES
+        single_masked(base[s:mid], model[s:mid], u32(lo + u32(s)), k0, k1, t24, at0, at1, at2, f1, f2, w, divisor,
+                      out[s:mid], lanes)
+        single_masked_tail(base[mid:e], model[mid:e], u32(lo + u32(mid)), k0, k1, t24, at0, at1, at2, f1, f2, w,
+                           divisor, out[mid:e], lanes)
+        flush(lanes, acc, 0)
+
+
+@jit
+def run_delta_masked(base, model, lo, k0, k1, t24, at0, at1, at2, f1, f2, w, first, c, acc, row):  # pragma: no cover - compiled
+    lanes = np.zeros((2, LANES), dtype=np.float32)
+    n = base.size
+    for s in range(0, n, CHUNK):
+        e = min(s + CHUNK, n)
+        mid = e - (e - s) % LANES
+        add_delta_masked(base[s:mid], model[s:mid], u32(lo + u32(s)), k0, k1, t24, at0, at1, at2, f1, f2, w, first,
+                         c[s:mid], lanes)
+        add_delta_masked_tail(base[mid:e], model[mid:e], u32(lo + u32(mid)), k0, k1, t24, at0, at1, at2, f1, f2, w,
+                              first, c[mid:e], lanes)
         flush(lanes, acc, row)

@@ -525,32 +525,52 @@ class TensorComputer:
     def fusable(self, t: TensorPlan) -> Fused | None:
         """How tensor t runs in one pass (`weightx.kernels.fused`), or None for the general path: on
         the CPU, every input and the output bf16 and read as stored (no artifact, transplant, token
-        alignment or quantization), every edit δ ← c·δ (at most MAX_FACTORS per delta) and the
-        combine a weighted sum. Same bytes either way; only the time differs."""
+        alignment or quantization), every edit δ ← c·δ or a `RandomDrop` (one per delta, at most
+        MAX_FACTORS factors in all) and the combine a weighted sum. Same bytes either way; only
+        the time differs."""
         if t.name in self._fused:
             return self._fused[t.name]
         plan, spec = self.plan, None
         combine = self.combine_of(t)
         lin = combine.linear(list(self.weights_of(t))) if combine.elementwise else None
-        factors = [[e.linear_factor() for e in es] for es in t.edits]
+        steps = [self._kernel_steps(t, i) for i in range(len(t.edits))] if self._fuse and t.edit else [None]
         srcs = [plan.base] + [src for _, src in plan.deltas]
         if (self._fuse and t.edit and t.codec is None and t.rows is None and t.out_dtype == "BF16"
-                and lin is not None and all(f is not None for fs in factors for f in fs)
-                and all(len(fs) <= fused.MAX_FACTORS for fs in factors)
+                and lin is not None and all(s is not None for s in steps)
                 and all(b is None for b in self._own_base) and self.run.entry(plan.recipe.combine, t.name) is None
                 and all(s.artifact is None and t.name in s.weight_map and t.name not in s.fp8 and t.name not in s.mxfp4
                         and self.inputs.get(s, t.name)[1].dtype == "BF16" for s in srcs)
                 and fused.available()):  # last: loads numba, which only a qualifying tensor should pay for
-            spec = Fused(factors, lin[0], lin[1])
+            spec = Fused([f for f, _ in steps], lin[0], lin[1], [m for _, m in steps])
         self._fused[t.name] = spec
         return spec
+
+    def _kernel_steps(self, t: TensorPlan, i: int) -> tuple[list[float], fused.Mask | None] | None:
+        """Delta i's edits of tensor t as the fused kernel takes them (its factors in order and its drop
+        mask), or None when one of them is neither a factor nor the delta's only `RandomDrop`."""
+        factors: list[float] = []
+        mask = None
+        for j, edit in enumerate(t.edits[i]):
+            c = edit.linear_factor()
+            if c is not None:
+                factors.append(c)
+                continue
+            drop = edit.random_drop()
+            if drop is None or mask is not None:
+                return None
+            if drop.drop == 0.0:
+                continue  # `dare_` returns such a delta untouched
+            mask = fused.Mask(self.context(t, i, j).seed_key(drop.seed), drop.drop, len(factors))
+            if drop.factor != 1.0:
+                factors.append(drop.factor)
+        return (factors, mask) if len(factors) <= fused.MAX_FACTORS else None
 
     def _fused_block(self, t: TensorPlan, spec: Fused, start: int, count: int,
                      part: Partial | None) -> torch.Tensor | None:
         """An output block in one pass, its norms into `part`; None if an output is not finite."""
         views = [mf.view(info, start, count) for mf, info in
                  (self.inputs.get(s, t.name) for s in [self.plan.base] + [src for _, src in self.plan.deltas])]
-        got = fused.linear_bf16(views[0], views[1:], spec.factors, spec.weights, spec.divisor)
+        got = fused.linear_bf16(views[0], views[1:], spec.factors, spec.weights, spec.divisor, spec.masks, start)
         if got is None:
             return None
         out, before, after, combined = got
@@ -644,11 +664,13 @@ class _BlockSource(PooledBlocks):
 
 @dataclass(frozen=True)
 class Fused:
-    """A tensor's formula as the fused kernel takes it: per delta its factors, the weights, the divisor."""
+    """A tensor's formula as the fused kernel takes it: per delta its factors, the weights, the divisor,
+    per delta its drop mask or None."""
 
     factors: list[list[float]]
     weights: list[float]
     divisor: float | None
+    masks: list[fused.Mask | None]
 
 
 @dataclass

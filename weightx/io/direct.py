@@ -10,11 +10,14 @@ network mounts) and `WEIGHTX_DIRECT_IO=0` get ordinary buffered writes with the 
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import mmap
 import os
 from pathlib import Path
+
+import numpy as np
 
 ALIGN = 4096  # offsets, lengths and addresses of direct writes are multiples of this
 CHUNK = 8 << 20  # staging size: one disk write
@@ -47,6 +50,7 @@ class SequentialFile:
         else:
             self._stage = mmap.mmap(-1, CHUNK)  # anonymous maps are page-aligned
             self._view = memoryview(self._stage)
+            self._to = np.frombuffer(self._view, dtype=np.uint8).ctypes.data
 
     def write(self, data: memoryview | bytes) -> None:
         data = memoryview(data).cast("B")
@@ -54,10 +58,13 @@ class SequentialFile:
         if not self.direct:
             self._write_all(data)
             return
-        pos = 0
+        if self._stage is None:
+            raise ValueError(f"{self.path}: write after close")  # the copy below would hit unmapped memory
+        pos, src = 0, np.frombuffer(data, dtype=np.uint8).ctypes.data if data.nbytes else 0
         while pos < data.nbytes:
             n = min(CHUNK - self._fill, data.nbytes - pos)
-            self._view[self._fill:self._fill + n] = data[pos:pos + n]
+            # A foreign call, so the copy holds no GIL (a slice assignment held it for 2 s of a 7B run).
+            ctypes.memmove(self._to + self._fill, src + pos, n)
             self._fill += n
             pos += n
             if self._fill == CHUNK:

@@ -138,3 +138,14 @@ def test_failed_write_raises_and_abort_releases(tmp_path, monkeypatch):
     assert e.value.errno == errno.ENOSPC
     f.abort()
     assert f.closed
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_write_after_close_raises_without_touching_the_stage(tmp_path, direct):
+    """The stage copy is a raw memmove: after close it must refuse, not write into unmapped memory."""
+    f = SequentialFile(tmp_path / "a", direct=direct)
+    f.write(b"x" * 100)
+    f.close()
+    with pytest.raises((ValueError, OSError)):
+        f.write(b"y" * 100)
+    assert (tmp_path / "a").read_bytes() == b"x" * 100

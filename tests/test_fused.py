@@ -272,6 +272,12 @@ def recipes(f: dict[str, Path], out: Path) -> dict[str, dict]:
         "dare_linear": {**common, "combine": {"linear": {"normalize": True}}, "deltas": [
             {"model": "math", "weight": 0.6, "edits": [{"dare": {"drop": 0.5}}]},
             {"model": "code", "weight": 0.4, "edits": [{"dare": {"drop": 0.7, "rescale": "none"}}, {"expo": {"alpha": 0.2}}]}]},
+        # DARE on the MLP weights only, ExPO everywhere: tensors with and without a mask in one run
+        "dare_some": {**common, "deltas": [{"model": "math", "edits": [
+            {"dare": {"drop": 0.8, "include": ["*mlp*"]}}, {"expo": {"alpha": 0.5}}]}]},
+        # a sparse delta artifact of the DARE'd model (`format: delta`, values stored where kept)
+        "dare_sparse": {**common, "output": {**common["output"], "format": "delta"},
+                        "deltas": [{"model": "math", "edits": [{"dare": {"drop": 0.9, "seed": 3}}]}]},
     }
 
 
@@ -305,7 +311,8 @@ def same_files(a: Path, b: Path) -> None:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
-@pytest.mark.parametrize("name", ["expo", "sum", "mean", "linear", "task_arithmetic", "dare", "dare_linear"])
+@pytest.mark.parametrize("name", ["expo", "sum", "mean", "linear", "task_arithmetic", "dare", "dare_linear", "dare_some",
+                                  "dare_sparse"])
 def test_run_bytes_equal_general_path(merge_family, tmp_path, monkeypatch, name):
     doc = recipes(merge_family, tmp_path / "unused")[name]
     fast, plain, calls = run_both(doc, tmp_path, monkeypatch)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from weightx.kernels import rng
+
 LANES = 16  # independent accumulators per norm: lets LLVM vectorise the sums without reassociating them
 CHUNK = 4096  # elements whose float32 lane sums are then added into float64 (relative error ~1e-7)
 
@@ -38,7 +40,8 @@ def edited(b, h, f1, f2, w, acc, row, j):  # w·((θ − base)·f1·f2), one rou
 
 
 # lowbias32 (`weightx.kernels.rng`) on uint32 words: the casts keep numba's arithmetic in 32 bits.
-C1, C2 = u32(0x7FEB352D), u32(0x846CA68B)
+C1, C2 = (u32(c) for c in rng.MULTIPLIERS)
+DROP_SHIFT = u32(32 - rng.UNIFORM_BITS)  # the hash's top bits are compared with `rng.keep_threshold`
 ALL = u32(0xFFFFFFFF)
 
 
@@ -54,7 +57,7 @@ def mix(x):
 @inline
 def keep_word(lo, k0, k1, t24):  # one word of `rng.keep_words`: all ones where kept, 0 where dropped
     h = mix(u32(mix(u32(lo ^ k0)) ^ k1))
-    return ALL if u32(h >> u32(8)) >= t24 else u32(0)
+    return ALL if u32(h >> DROP_SHIFT) >= t24 else u32(0)
 
 
 @inline

@@ -130,7 +130,7 @@ def linear_bf16(base: torch.Tensor, models: list[torch.Tensor], factors: list[li
         mask = masks[i]
         k0, k1 = rng.key_words(mask.key, (offset + s) >> 32)
         at = [np.uint32(0 if p == mask.position else rng.M32) for p in range(MAX_FACTORS + 1)]
-        return (np.uint32((offset + s) & rng.M32), np.uint32(k0), np.uint32(k1), np.uint32(rng.drop_threshold(mask.drop) >> 8), *at)
+        return (np.uint32((offset + s) & rng.M32), np.uint32(k0), np.uint32(k1), np.uint32(rng.keep_threshold(mask.drop)), *at)
 
     pieces = _pieces(offset, n)
     if m == 1 and masks[0] is None:

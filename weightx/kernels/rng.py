@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 M32 = 0xFFFFFFFF
-_C1 = 0x7FEB352D  # lowbias32 multipliers (Wellons, "Hash function prospector")
-_C2 = 0x846CA68B
+MULTIPLIERS = (0x7FEB352D, 0x846CA68B)  # lowbias32's (Wellons, "Hash function prospector"); bf16_jit's too
+_C1, _C2 = MULTIPLIERS
 _GOLDEN = 0x9E3779B9
 # Elements hashed at once (the values never depend on it). On CPU two 1 MB int32 buffers stay in
 # a core's 1 MB L2 cache (256K: fewer numpy calls per block than 128K, which the block threads'
@@ -153,6 +153,11 @@ def drop_threshold(p: float) -> int:
     return math.ceil(p * (1 << UNIFORM_BITS)) << (32 - UNIFORM_BITS)
 
 
+def keep_threshold(p: float) -> int:
+    """Dropped ⇔ the top UNIFORM_BITS of the hash (h >> 8) are below this (at most 2²⁴)."""
+    return drop_threshold(p) >> (32 - UNIFORM_BITS)
+
+
 _local = threading.local()
 
 
@@ -191,7 +196,7 @@ def drop_chunks(key: int, start: int, count: int, p: float, device: torch.device
 def keep_words(key: int, start: int, count: int, p: float, device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
     """Like `drop_chunks`, as int32 words to AND with float32 bits: 0 where dropped, all ones
     where kept (no bool mask: masked_fill_ costs more than the hash on CPU)."""
-    t24 = drop_threshold(p) >> (32 - UNIFORM_BITS)  # drop ⇔ h >> 8 < t24, both below 2²⁴ + 1
+    t24 = keep_threshold(p)  # drop ⇔ h >> 8 < t24, both below 2²⁴ + 1
     device = torch.device(device)
     step = _chunk(device)
     for s in range(0, count, step):

@@ -533,10 +533,10 @@ class TensorComputer:
         plan, spec = self.plan, None
         combine = self.combine_of(t)
         lin = combine.linear(list(self.weights_of(t))) if combine.elementwise else None
-        steps = [self._kernel_steps(t, i) for i in range(len(t.edits))] if self._fuse and t.edit else [None]
+        steps = [self._kernel_steps(t, i) for i in range(len(t.edits))] if self._fuse and t.edit else None
         srcs = [plan.base] + [src for _, src in plan.deltas]
-        if (self._fuse and t.edit and t.codec is None and t.rows is None and t.out_dtype == "BF16"
-                and lin is not None and all(s is not None for s in steps)
+        if (steps is not None and None not in steps and t.codec is None and t.rows is None and t.out_dtype == "BF16"
+                and lin is not None
                 and all(b is None for b in self._own_base) and self.run.entry(plan.recipe.combine, t.name) is None
                 and all(s.artifact is None and t.name in s.weight_map and t.name not in s.fp8 and t.name not in s.mxfp4
                         and self.inputs.get(s, t.name)[1].dtype == "BF16" for s in srcs)

@@ -121,6 +121,26 @@ def test_output_layout_and_provenance(family, tmp_path):
     assert not list(tmp_path.glob(".out.weightx-tmp-*")), "temporary folder left behind"
 
 
+
+@pytest.mark.parametrize("direct", ["1", "0"])
+def test_output_shard_hashes_are_the_files(family, tmp_path, monkeypatch, direct):
+    """The shards' sha256 are taken from the O_DIRECT stages as they fill (or from the blocks, buffered):
+    with small stages that switch many times per shard, the recorded hash is still the file's."""
+    import hashlib
+
+    from weightx.io import direct as direct_io
+
+    monkeypatch.setattr(direct_io, "CHUNK", 64 << 10)
+    monkeypatch.setenv("WEIGHTX_DIRECT_IO", direct)
+    doc = expo_recipe(family["sft"], family["dpo"], tmp_path / "out", 0.3)
+    doc["output"]["shard_size"] = "100KB"
+    res = weightx.apply(doc)
+    shards = json.loads((res.path / "weightx.json").read_text())["output"]["shards"]
+    assert len(shards) > 1
+    for entry in shards:
+        assert entry["sha256"] == hashlib.sha256((res.path / entry["file"]).read_bytes()).hexdigest()
+
+
 def _save(path: Path, tensors: dict) -> Path:
     save_file(tensors, str(path), metadata={"format": "pt"})
     return path

@@ -193,3 +193,49 @@ def test_naive_bf16_expo_loses_precision_ours_does_not(family, tmp_path):
         naive = p + 0.3 * (p - q)  # bf16 arithmetic throughout
         differs += int((naive.view(torch.int16) != out[name].view(torch.int16)).sum())
     assert differs > 0
+
+
+def _mapped_rss_kb(path: Path) -> int:
+    """Resident kB of this process's mappings of `path` (from /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if line[:1].isalnum() and "-" in line.split(" ", 1)[0] and ":" not in line.split(" ", 1)[0]:
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs /proc/self/smaps")
+def test_done_unmaps_a_tensor_and_it_reads_back_the_same(tmp_path):
+    from weightx.io.safetensors import MappedFile, read_header
+
+    x = torch.randn(1024, 1024)
+    path = _save(tmp_path / "m.safetensors", {"a": torch.ones(3), "x": x, "z": torch.zeros(5)})
+    mf = MappedFile(read_header(path))
+    info = mf.header.tensors["x"]
+    assert float(mf.tensor("x").sum()) == pytest.approx(float(x.sum()), rel=1e-5)
+    assert _mapped_rss_kb(path) >= 4000  # 4 MB of the file's pages mapped into this process
+    mf.done(info)
+    assert _mapped_rss_kb(path) <= 8  # only a shared edge page may stay
+    assert torch.equal(mf.tensor("x"), x.reshape(-1)) and torch.equal(mf.tensor("a"), torch.ones(3))
+    mf.close()
+
+
+def test_engine_unmaps_each_input_tensor_once_it_is_written(family, tmp_path, monkeypatch):
+    from weightx.io.safetensors import MappedFile
+
+    done: list[tuple[str, str]] = []
+    real = MappedFile.done
+
+    def record(self, info):
+        name = next(n for n, i in self.header.tensors.items() if i is info)
+        done.append((self.header.path.parent.name, name))
+        real(self, info)
+
+    monkeypatch.setattr(MappedFile, "done", record)
+    weightx.apply(expo_recipe(family["sft"], family["dpo"], tmp_path / "out", 0.3))
+    sft = load_state_dict(family["sft"])
+    for model in ("sft", "dpo"):
+        mine = sorted(n for m, n in done if m == family[model].name)
+        assert mine == sorted(sft), model  # every tensor of both inputs, once each

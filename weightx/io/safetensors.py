@@ -232,6 +232,19 @@ class MappedFile:
             except (OSError, ValueError, AttributeError):
                 pass
 
+    def done(self, info: TensorInfo) -> None:
+        """Unmap a tensor the run has finished with (MADV_DONTNEED: a later read faults it back in from
+        the page cache). The kernel then reclaims those pages without walking this process's page
+        tables and interrupting its cores to flush their TLBs."""
+        if self._mm is None or info.end <= info.begin:
+            return
+        lo = self.header.data_start + info.begin
+        aligned = lo - lo % mmap.PAGESIZE
+        try:
+            self._mm.madvise(mmap.MADV_DONTNEED, aligned, self.header.data_start + info.end - aligned)
+        except (OSError, ValueError, AttributeError):
+            pass
+
     def close(self) -> None:
         if self._mm is not None:
             try:

@@ -614,10 +614,13 @@ class TensorComputer:
         stats.combined_norm = comb ** 0.5
 
     def release(self, t: TensorPlan) -> None:
-        """Forget a finished tensor's pre-pass state."""
+        """Forget a finished tensor's pre-pass state and unmap its inputs (`MappedFile.done`: on a
+        7B ExPO, kswapd's reclaim went from 3.0-3.4 to 1.8-2.0 CPU-s and the run 33.4-36.2 s to 31.6-33.0)."""
         with self._state_lock:
             self._states.pop(t.name, None)
             self._cache.pop(t.name, None)
+        for mf, info in self._mapped(t):
+            mf.done(info)
 
     def blocks(self, t: TensorPlan, stats: TensorStats | None = None) -> Iterator[torch.Tensor]:
         """The tensor's output blocks in order, computed on this thread."""

@@ -121,11 +121,11 @@ def test_output_layout_and_provenance(family, tmp_path):
     assert not list(tmp_path.glob(".out.weightx-tmp-*")), "temporary folder left behind"
 
 
-
 @pytest.mark.parametrize("direct", ["1", "0"])
 def test_output_shard_hashes_are_the_files(family, tmp_path, monkeypatch, direct):
-    """The shards' sha256 are taken from the O_DIRECT stages as they fill (or from the blocks, buffered):
-    with small stages that switch many times per shard, the recorded hash is still the file's."""
+    """The shards' sha256 are computed from the blocks as they are written (not read back): with
+    small O_DIRECT stages that switch many times per shard, or buffered, the recorded hash is still
+    the file's."""
     import hashlib
 
     from weightx.io import direct as direct_io

@@ -225,24 +225,23 @@ class MappedFile:
         lo = self.header.data_start + info.begin + start * size
         try:
             os.posix_fadvise(self._fd, lo, count * size, os.POSIX_FADV_WILLNEED)
-        except (OSError, AttributeError):
-            try:
-                aligned = lo - lo % mmap.PAGESIZE
-                self._mm.madvise(mmap.MADV_WILLNEED, aligned, lo + count * size - aligned)
-            except (OSError, ValueError, AttributeError):
-                pass
+        except (OSError, AttributeError):  # no posix_fadvise (macOS), or the filesystem refuses it
+            self._advise(mmap.MADV_WILLNEED, lo, count * size)
 
     def done(self, info: TensorInfo) -> None:
         """Unmap a tensor the run has finished with (MADV_DONTNEED: a later read faults it back in from
         the page cache). The kernel then reclaims those pages without walking this process's page
         tables and interrupting its cores to flush their TLBs."""
-        if self._mm is None or info.end <= info.begin:
-            return
-        lo = self.header.data_start + info.begin
+        if self._mm is not None and info.end > info.begin:
+            self._advise(mmap.MADV_DONTNEED, self.header.data_start + info.begin, info.end - info.begin)
+
+    def _advise(self, advice: int, lo: int, n: int) -> None:
+        """madvise the file bytes [lo, lo + n) of the mapping (from the page they start in); a hint,
+        so a refusal changes nothing."""
         aligned = lo - lo % mmap.PAGESIZE
         try:
-            self._mm.madvise(mmap.MADV_DONTNEED, aligned, self.header.data_start + info.end - aligned)
-        except (OSError, ValueError, AttributeError):
+            self._mm.madvise(advice, aligned, lo + n - aligned)
+        except (OSError, ValueError):
             pass
 
     def close(self) -> None:

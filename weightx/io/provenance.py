@@ -106,41 +106,67 @@ class _Running:
     def advance(self, limit: int | None, stop: threading.Event | None = None) -> bool:
         """Hash on, up to byte `limit` (None: the end) or until `stop` is set; True once finished."""
         with self._lock:
+            self._advance(self.size if limit is None else min(limit, self.size), stop)
+            return self._check_done()
+
+    def feed(self, at: int, data: memoryview) -> None:
+        """Hash on with file bytes [at, at + len(data)) that a reader already has (`io.stream`): a gap
+        before them is read here; bytes already hashed are skipped."""
+        with self._lock:
             if self.digest is not None:
-                return True
-            end = self.size if limit is None else min(limit, self.size)
-            if self.pos < end:
-                fd = open_regular(self.path)
-                try:
-                    if os.fstat(fd).st_size != self.size:
-                        raise OSError(f"{self.path} changed size while weightx hashed it; rerun once it is complete")
-                    buf = memoryview(bytearray(self.BUFFER))
-                    while self.pos < end and not (stop is not None and stop.is_set()):
-                        n = os.preadv(fd, [buf[:min(len(buf), end - self.pos)]], self.pos)  # releases the GIL
-                        if n == 0:
-                            raise OSError(f"{self.path} was truncated while weightx hashed it; rerun once it is complete")
-                        self._h.update(buf[:n])  # releases the GIL
-                        self.pos += n
-                finally:
-                    os.close(fd)
-            if self.pos >= self.size:
-                self.digest = self._h.hexdigest()
-            return self.digest is not None
+                return
+            if self.pos < at:
+                self._advance(min(at, self.size))
+            end = min(at + data.nbytes, self.size)
+            if at <= self.pos < end:
+                # Fresh from the disk, so staged through L2 (`io.sha256`); imported here because this
+                # module loads before torch and numpy, to start hashing during the start-up.
+                from weightx.io.sha256 import update_staged
+
+                update_staged(self._h, data[self.pos - at:end - at])
+                self.pos = end
+            self._check_done()
+
+    def _advance(self, end: int, stop: threading.Event | None = None) -> None:
+        if self.pos >= end:
+            return
+        fd = open_regular(self.path)
+        try:
+            if os.fstat(fd).st_size != self.size:
+                raise OSError(f"{self.path} changed size while weightx hashed it; rerun once it is complete")
+            buf = memoryview(bytearray(self.BUFFER))
+            while self.pos < end and not (stop is not None and stop.is_set()):
+                n = os.preadv(fd, [buf[:min(len(buf), end - self.pos)]], self.pos)  # releases the GIL
+                if n == 0:
+                    raise OSError(f"{self.path} was truncated while weightx hashed it; rerun once it is complete")
+                self._h.update(buf[:n])  # releases the GIL
+                self.pos += n
+        finally:
+            os.close(fd)
+
+    def _check_done(self) -> bool:
+        if self.digest is None and self.pos >= self.size:
+            self.digest = self._h.hexdigest()
+        return self.digest is not None
 
 
 class Pacer:
     """Keeps the input hashes next to the engine's reads, file by file, so every input byte comes off
-    the disk once and is hashed while it is in the page cache. A 7B merge reads 27 GB, more than the
+    the disk once and is hashed while it is in memory. A 7B merge reads 27 GB, more than the
     page cache holds: a hash that ran ahead (or fell behind) on its own read much of it twice.
 
-    The engine calls `reading(path, end)` when it asks the kernel for a tensor's bytes (the
-    prefetch of the next tensor); a paced `Hasher` hashes each file up to LOOKAHEAD past the
-    furthest such end, and `reading` waits while the engine is more than LAG ahead of a file's
-    hash, so that the cores go to the hash instead of to reads that would fall out of the cache
-    before the hash reaches them. LOOKAHEAD is 0: a hash that ran ahead of the prefetch read its
-    pages with page faults, one small read at a time, which measured slower than the kernel's
-    readahead (7B ExPO: 37-41 s against 27-30 s). Pacing only orders work: `release()` (the engine
-    is done, or failed) lets every hash finish on its own."""
+    A file the engine reads front to back itself (`io.stream`) is `claim`ed: the stream feeds the
+    file's hash from its own buffers, and the file's hash thread waits until the stream is done
+    (`unclaim`), then hashes whatever is left at once.
+
+    For the other files the engine calls `reading(path, end)` when it asks the kernel for a
+    tensor's bytes (the prefetch of the next tensor); a paced `Hasher` hashes each file up to
+    LOOKAHEAD past the furthest such end, and `reading` waits while the engine is more than LAG
+    ahead of a file's hash, so that the cores go to the hash instead of to reads that would fall
+    out of the cache before the hash reaches them. LOOKAHEAD is 0: a hash that ran ahead of the
+    prefetch read its pages with page faults, one small read at a time, which measured slower than
+    the kernel's readahead (7B ExPO: 37-41 s against 27-30 s). Pacing only orders work:
+    `release()` (the engine is done, or failed) lets every hash finish on its own."""
 
     LOOKAHEAD = 0
     LAG = 1 << 30
@@ -149,6 +175,9 @@ class Pacer:
         self._cond = threading.Condition()
         self._front: dict[str, int] = {}  # file → the furthest byte the engine asked for
         self._hashed: dict[str, int] = {}  # file → bytes hashed, for the files a hash still owes
+        self._runs: dict[str, _Running] = {}  # file → its hash in progress
+        self._claimed: set[str] = set()  # files a stream feeds now
+        self._fed: set[str] = set()  # files a stream has fed: their hash finishes on its own
         self._released = False
 
     def reading(self, path: Path, end: int) -> None:
@@ -157,25 +186,48 @@ class Pacer:
             if end > self._front.get(key, 0):
                 self._front[key] = end
                 self._cond.notify_all()
-            while not self._released and key in self._hashed and end - self._hashed[key] > self.LAG:
+            while (not self._released and key in self._hashed and key not in self._claimed and key not in self._fed
+                   and end - self._hashed[key] > self.LAG):
                 self._cond.wait()
+
+    def claim(self, path: Path) -> _Running | None:
+        """The hash a stream of `path` should feed, or None (no hash owed: cached, another rank's,
+        hashing off, or already claimed)."""
+        key = str(path)
+        with self._cond:
+            r = self._runs.get(key)
+            if r is None or key in self._claimed or key in self._fed or key not in self._hashed:
+                return None
+            self._claimed.add(key)
+            return r
+
+    def unclaim(self, path: Path) -> None:
+        """The stream of `path` is done feeding its hash (or stopped): the hash thread takes over."""
+        key = str(path)
+        with self._cond:
+            if key in self._claimed:
+                self._claimed.discard(key)
+                self._fed.add(key)
+                self._cond.notify_all()
 
     def release(self) -> None:
         with self._cond:
             self._released = True
             self._cond.notify_all()
 
-    def _start(self, key: str, pos: int) -> None:
+    def _start(self, r: _Running) -> None:
         with self._cond:
-            self._hashed[key] = pos
+            self._runs[str(r.path)] = r
+            self._hashed[str(r.path)] = r.pos
 
     def _allowed(self, key: str) -> int | None:
         """Wait until the engine has started on this file; then how far its hash may go (None: all)."""
         with self._cond:
-            while not self._released and (self._front.get(key, 0) == 0
-                                          or self._hashed.get(key, 0) >= self._front[key] + self.LOOKAHEAD):
+            while not self._released and key not in self._fed and (
+                    key in self._claimed or self._front.get(key, 0) == 0
+                    or self._hashed.get(key, 0) >= self._front[key] + self.LOOKAHEAD):
                 self._cond.wait()
-            return None if self._released else self._front[key] + self.LOOKAHEAD
+            return None if self._released or key in self._fed else self._front[key] + self.LOOKAHEAD
 
     def _progress(self, key: str, pos: int | None) -> None:
         """A file's hash moved on (None: finished, or failed: nothing waits on it any more)."""
@@ -298,7 +350,7 @@ class Hasher:
             self._threads = [threading.Thread(target=self._run, args=(todo,), name="weightx-hash", daemon=True)]
         else:
             for r in todo:
-                pacer._start(str(r.path), r.pos)
+                pacer._start(r)
             self._threads = [threading.Thread(target=self._run_paced, args=(r,), name="weightx-hash", daemon=True) for r in todo]
         for t in self._threads:
             t.start()

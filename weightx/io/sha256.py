@@ -28,6 +28,22 @@ def _stage() -> np.ndarray:
     return stage
 
 
+def update_staged(h: "hashlib._Hash", data: bytes | bytearray | memoryview) -> None:
+    """h.update(data), copying a buffer larger than STAGE through the calling thread's L2-sized
+    buffer. The copies and the hashing hold no GIL."""
+    view = memoryview(data).cast("B")
+    if view.nbytes <= STAGE:
+        h.update(view)  # a small buffer is hashed where it is (a pread buffer is in L2)
+        return
+    buf = _stage()
+    stage, to = memoryview(buf), buf.ctypes.data
+    src = np.frombuffer(view, dtype=np.uint8).ctypes.data  # read-only buffers too: only read
+    for i in range(0, view.nbytes, STAGE):
+        n = min(STAGE, view.nbytes - i)
+        ctypes.memmove(to, src + i, n)  # a foreign call: releases the GIL
+        h.update(stage[:n])  # releases the GIL
+
+
 class Sha256:
     """`hashlib.sha256` whose `update` copies buffers larger than STAGE through an L2-sized buffer
     (the calling thread's). The copies and the hashing hold no GIL."""
@@ -38,17 +54,7 @@ class Sha256:
             self.update(data)
 
     def update(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data).cast("B")
-        if view.nbytes <= STAGE:
-            self._h.update(view)  # a small buffer is hashed where it is (a pread buffer is in L2)
-            return
-        buf = _stage()
-        stage, to = memoryview(buf), buf.ctypes.data
-        src = np.frombuffer(view, dtype=np.uint8).ctypes.data  # read-only buffers too: only read
-        for i in range(0, view.nbytes, STAGE):
-            n = min(STAGE, view.nbytes - i)
-            ctypes.memmove(to, src + i, n)  # a foreign call: releases the GIL
-            self._h.update(stage[:n])  # releases the GIL
+        update_staged(self._h, data)
 
     def digest(self) -> bytes:
         return self._h.digest()

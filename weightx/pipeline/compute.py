@@ -27,8 +27,9 @@ from weightx.edits.base import TensorContext
 from weightx.errors import InputError, UsageError
 from weightx.io.provenance import Pacer
 from weightx.io.quantized import dequantize, dequantize_mxfp4
-from weightx.io.safetensors import DTYPES, MappedFile, TensorInfo
+from weightx.io.safetensors import DTYPES, MappedFile, TensorInfo, itemsize
 from weightx.io.sources import Source
+from weightx.io.stream import DirectStream
 from weightx.kernels import fused
 from weightx.kernels.topk import PooledBlocks
 from weightx.pipeline.plan import Plan, TensorPlan
@@ -74,11 +75,13 @@ class TensorStats:
 
 
 class Inputs:
-    """Open mappings of every input shard, created on first use. `pacer` (the run's input hashes)
-    hears before each tensor is read where the reads will end."""
+    """Open mappings of every input shard, created on first use, and the streams of the files the
+    engine reads front to back (`stream`). `pacer` (the run's input hashes) hears before each
+    mapped tensor is read where the reads will end."""
 
     def __init__(self, pacer: Pacer | None = None) -> None:
         self._maps: dict[Path, MappedFile] = {}
+        self._streams: dict[Path, DirectStream] = {}
         self._experts: dict[tuple, torch.Tensor] = {}  # the last MXFP4 experts dequantized
         self._lock = threading.Lock()
         self.pacer = pacer
@@ -117,6 +120,36 @@ class Inputs:
             mf = self._maps[header.path] = MappedFile(header)
         return mf
 
+    def stream(self, pieces: dict[Path, list[tuple[tuple[str, int], int, int]]], buffers: int) -> None:
+        """Read these blocks ((tensor, start), file bytes [lo, hi), in the order `block` will ask
+        for them) with `io.stream` instead of through the mappings; each file's stream feeds the
+        file's hash when the pacer has one to feed."""
+        for path, todo in pieces.items():
+            run = self.pacer.claim(path) if self.pacer is not None else None
+            self._streams[path] = DirectStream(path, todo, buffers, run.feed if run is not None else None,
+                                               (lambda p=path: self.pacer.unclaim(p)) if run is not None else None)
+
+    def block(self, src: Source, name: str, start: int, count: int) -> torch.Tensor:
+        """Elements [start, start+count) of an input tensor as stored, flat: from its file's stream
+        when the block was planned there (`done` gives it back), else a view of the mapping."""
+        mf, info = self.get(src, name)
+        st = self._streams.get(mf.header.path)
+        if st is not None and (name, start) in st:
+            return st.view((name, start), DTYPES[info.dtype], count)
+        return mf.view(info, start, count)
+
+    def feed(self, src: Source, name: str, start: int) -> None:
+        """Feed a streamed block to its file's hash once it is read (`DirectStream.feed`)."""
+        st = self._streams.get(self.get(src, name)[0].header.path)
+        if st is not None and (name, start) in st:
+            st.feed((name, start))
+
+    def done(self, src: Source, name: str, start: int) -> None:
+        """The compute is done with a block `block` took from a stream."""
+        st = self._streams.get(self.get(src, name)[0].header.path)
+        if st is not None and (name, start) in st:
+            st.release((name, start))
+
     def read(self, src: Source, name: str, start: int, count: int, device: torch.device,
               out: torch.Tensor | None = None) -> torch.Tensor:
         """Elements [start, start+count) of tensor `name` of `src` as float32 on `device`: a fresh
@@ -146,6 +179,9 @@ class Inputs:
         return x.to(torch.float32, copy=True)
 
     def close(self) -> None:
+        for st in self._streams.values():
+            st.close()
+        self._streams.clear()
         for mf in self._maps.values():
             mf.close()
         self._maps.clear()
@@ -216,6 +252,7 @@ class TensorComputer:
         self._state_lock = threading.Lock()
         self._fused: dict[str, Fused | None] = {}  # per tensor, decided on its first block
         self._fuse = device.type == "cpu" and fused.wanted(sum(t.numel for t in plan.tensors if t.edit))
+        self._streamed: set[str] = set()  # tensors read from `Inputs.stream` (`stream_pieces`)
 
     def load(self, src: Source, t: TensorPlan, start: int, count: int,
              out: torch.Tensor | None = None, base: torch.Tensor | None = None) -> torch.Tensor:
@@ -279,15 +316,34 @@ class TensorComputer:
     def _mapped(self, t: TensorPlan) -> list[tuple[MappedFile, TensorInfo]]:
         return [self.inputs.get(src, t.name) for src in self.plan.reads(t) if src.artifact is None or not src.artifact.is_compressed(t.name)]
 
+    def stream_pieces(self, order: list[TensorPlan]) -> dict[Path, list[tuple[tuple[str, int], int, int]]]:
+        """The blocks of the tensors that run in one pass (`fusable`), in the order `order` computes
+        them, as `Inputs.stream` takes them; those tensors are then read from the streams."""
+        pieces: dict[Path, list[tuple[tuple[str, int], int, int]]] = {}
+        for t in order:
+            if self.fusable(t) is None:
+                continue
+            self._streamed.add(t.name)
+            for src in [self.plan.base] + [s for _, s in self.plan.deltas]:
+                mf, info = self.inputs.get(src, t.name)
+                size = itemsize(info.dtype)
+                at = mf.header.data_start + info.begin
+                for start, count in self.ranges(t):
+                    if count:
+                        pieces.setdefault(mf.header.path, []).append(((t.name, start), at + start * size, at + (start + count) * size))
+        return pieces
+
     def reading(self, t: TensorPlan) -> None:
         """Tell the run's input hashes how far the reads of tensor t go (waiting if they lag far behind)."""
-        if self.inputs.pacer is not None:
+        if self.inputs.pacer is not None and t.name not in self._streamed:
             for mf, info in self._mapped(t):
                 self.inputs.pacer.reading(mf.header.path, mf.header.data_start + info.end)
 
     def prefetch(self, t: TensorPlan) -> None:
         """Ask the kernel to read tensor t's input bytes now (posix_fadvise WILLNEED; it can block while
         it queues the reads, so the engine calls it from a thread of its own)."""
+        if t.name in self._streamed:
+            return
         for mf, info in self._mapped(t):
             mf.prefetch(info, 0, info.numel)
 
@@ -568,8 +624,8 @@ class TensorComputer:
     def _fused_block(self, t: TensorPlan, spec: Fused, start: int, count: int,
                      part: Partial | None) -> torch.Tensor | None:
         """An output block in one pass, its norms into `part`; None if an output is not finite."""
-        views = [mf.view(info, start, count) for mf, info in
-                 (self.inputs.get(s, t.name) for s in [self.plan.base] + [src for _, src in self.plan.deltas])]
+        srcs = [self.plan.base] + [src for _, src in self.plan.deltas]
+        views = [self.inputs.block(s, t.name, start, count) for s in srcs]
         got = fused.linear_bf16(views[0], views[1:], spec.factors, spec.weights, spec.divisor, spec.masks, start)
         if got is None:
             return None
@@ -619,8 +675,27 @@ class TensorComputer:
         with self._state_lock:
             self._states.pop(t.name, None)
             self._cache.pop(t.name, None)
+        if t.name in self._streamed:
+            return
         for mf, info in self._mapped(t):
             mf.done(info)
+
+    def streamed(self, t: TensorPlan) -> bool:
+        """Whether tensor t's inputs come from `Inputs.stream` (`stream_pieces`)."""
+        return t.name in self._streamed
+
+    def feed(self, t: TensorPlan, start: int) -> None:
+        """Feed the input blocks at `start` of a streamed tensor to the input hashes (a job the engine
+        queues after the block's compute)."""
+        if t.name in self._streamed:
+            for src in [self.plan.base] + [s for _, s in self.plan.deltas]:
+                self.inputs.feed(src, t.name, start)
+
+    def block_done(self, t: TensorPlan, start: int) -> None:
+        """The engine has the output block at `start`: give its streamed input blocks back."""
+        if t.name in self._streamed:
+            for src in [self.plan.base] + [s for _, s in self.plan.deltas]:
+                self.inputs.done(src, t.name, start)
 
     def blocks(self, t: TensorPlan, stats: TensorStats | None = None) -> Iterator[torch.Tensor]:
         """The tensor's output blocks in order, computed on this thread."""

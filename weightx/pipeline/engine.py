@@ -1,8 +1,8 @@
 """The streaming engine: computes the planned tensors block by block and writes them into shards.
 
 Inputs are mmap'd views, or for the one-pass tensors blocks read ahead with O_DIRECT
-(`weightx.io.stream`, whose input hash jobs share the block pool); each output tensor is computed in float32 (`weightx.pipeline.compute`, in
-blocks when every step is elementwise or streams), rounded once to the output dtype, and handed to
+(`weightx.io.stream`, whose input hash jobs share the block pool); each output tensor is computed
+in float32 (`weightx.pipeline.compute`, in blocks when every step is elementwise or streams), rounded once to the output dtype, and handed to
 a writer thread that streams it into a shard whose header was laid out from the plan. Memory is a
 few blocks plus, for the whole-tensor edits (bitdelta, ternary), a few copies of the largest
 tensor, whatever the model size.

@@ -109,8 +109,8 @@ class DirectStream:
                 self._cond.notify_all()
                 return
             self._threads = [threading.Thread(target=self._reader, name="weightx-read", daemon=True) for _ in range(READERS)]
-        for t in self._threads:
-            t.start()
+            for t in self._threads:  # under the lock: a `close` racing this start never joins an unstarted thread
+                t.start()
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._where
